@@ -1,0 +1,20 @@
+"""The `ecg-mlflow` command line: one click group, one subcommand per entry point.
+
+Each subcommand lives in `ecg_mlflow/commands/` (or `analysis/cli.py`) and imports heavy
+libraries (TensorFlow, MLflow) inside its function, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import click
+
+from ecg_mlflow import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ecg-mlflow")
+def main() -> None:
+    """Transfer-learning study on ECG report images, tracked in MLflow."""
+
+
+# Subcommands register below, one line each.

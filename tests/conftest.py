@@ -1,0 +1,43 @@
+"""Shared fixtures: the real dataset in ../shared/data and an isolated MLflow store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+REAL_IMAGES = SHARED_DATA / "ecg-images"
+REAL_ORIGINALS = SHARED_DATA / "ecg-originals-sample"
+REAL_FACTS = SHARED_DATA / "mendeley-v2-originals.csv"
+
+
+@pytest.fixture(scope="session")
+def real_images() -> Path:
+    """The 928 real ECG reports (half-size JPEGs); skipped where ../shared/data is absent."""
+    if not REAL_IMAGES.is_dir():
+        pytest.skip(f"real dataset not found at {REAL_IMAGES} (it is always present in CI)")
+    return REAL_IMAGES
+
+
+@pytest.fixture(scope="session")
+def real_originals() -> Path:
+    """Two untouched 2213 x 1572 originals per class."""
+    if not REAL_ORIGINALS.is_dir():
+        pytest.skip(f"original sample not found at {REAL_ORIGINALS} (it is always present in CI)")
+    return REAL_ORIGINALS
+
+
+@pytest.fixture()
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite tracking store and artifact folder for one test, set as the default."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
