@@ -1,0 +1,191 @@
+"""Backbone registry: name -> Keras builder plus its defaults, as data (timm-style).
+
+Every backbone takes RGB pixel values 0..255. The registry entry owns the input scaling
+that the ImageNet weights expect; it is applied by a fixed, non-trainable 1x1 convolution
+inside the model (built-in layers only, so the saved model loads in Keras' safe mode and
+the served model scales exactly as training did).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+BACKBONE_SEED = 1234
+"""Seed of the frozen random backbone (`weights=none`): the same for every run seed, as
+ImageNet weights would be."""
+
+# Per-channel (scale, offset) of y = x * scale + offset after an optional RGB->BGR flip.
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+_TORCH_MEAN = (0.485, 0.456, 0.406)
+_TORCH_STD = (0.229, 0.224, 0.225)
+SCALINGS = ("none", "caffe", "tf", "torch")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a backbone needs from the data and what it gives back."""
+
+    name: str
+    builder_name: str  # attribute of keras.applications
+    feature_dim: int  # width of the pooled features
+    scaling: str  # one of SCALINGS; "none" where the Keras model rescales inside
+    min_size: int = 32  # smallest image side the architecture accepts
+    builder_kwargs: tuple[tuple[str, object], ...] = ()
+    paper: bool = False  # one of the two backbones of the paper
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec("resnet50", "ResNet50", 2048, "caffe", paper=True),
+        BackboneSpec(
+            "efficientnetv2s",
+            "EfficientNetV2S",
+            1280,
+            "none",
+            builder_kwargs=(("include_preprocessing", True),),
+            paper=True,
+        ),
+        BackboneSpec("densenet121", "DenseNet121", 1024, "torch"),
+        BackboneSpec("efficientnetb0", "EfficientNetB0", 1280, "none"),
+        BackboneSpec(
+            "mobilenetv3large",
+            "MobileNetV3Large",
+            960,
+            "none",
+            builder_kwargs=(("include_preprocessing", True),),
+        ),
+        BackboneSpec(
+            "convnexttiny",
+            "ConvNeXtTiny",
+            768,
+            "none",
+            builder_kwargs=(("include_preprocessing", True),),
+        ),
+        BackboneSpec("inceptionv3", "InceptionV3", 2048, "tf", min_size=75),
+        BackboneSpec("vgg16", "VGG16", 512, "caffe"),
+    )
+}
+
+
+class BackboneError(ValueError):
+    """An unknown backbone, unusable weights or an image size the backbone cannot take."""
+
+
+def get_spec(arch: str) -> BackboneSpec:
+    """The registry entry for `arch`; an unknown name fails with the known ones."""
+    try:
+        return BACKBONES[arch]
+    except KeyError:
+        raise BackboneError(
+            f"arch: unknown backbone {arch!r}; choose one of {', '.join(BACKBONES)}"
+        ) from None
+
+
+def weights_identity(weights: str) -> str:
+    """A short stable name of the weights, part of every feature-cache key."""
+    if weights == "imagenet":
+        return "imagenet"
+    if weights == "none":
+        return f"random-seed{BACKBONE_SEED}"
+    path = Path(weights)
+    if not path.is_file():
+        raise BackboneError(
+            f"weights: {weights!r} is neither 'imagenet', 'none' nor an existing weights file"
+        )
+    return "file-" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def scaling_matrix(scaling: str) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel (3x3) and bias (3,) of the 1x1 convolution that applies `scaling`."""
+    if scaling == "none":
+        return np.eye(3, dtype=np.float32), np.zeros(3, np.float32)
+    if scaling == "caffe":  # RGB -> BGR, then subtract the ImageNet mean
+        flip = np.eye(3, dtype=np.float32)[::-1]
+        return flip, -np.asarray(_CAFFE_MEAN_BGR, np.float32)
+    if scaling == "tf":  # to [-1, 1]
+        return np.eye(3, dtype=np.float32) / 127.5, -np.ones(3, np.float32)
+    if scaling == "torch":  # to [0, 1], then standardise per channel
+        std = np.asarray(_TORCH_STD, np.float32)
+        kernel = np.diag(1.0 / (255.0 * std)).astype(np.float32)
+        return kernel, (-np.asarray(_TORCH_MEAN, np.float32) / std).astype(np.float32)
+    raise BackboneError(f"unknown input scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
+
+
+def check_image_size(arch: str, height: int, width: int) -> None:
+    """Refuse sizes below what the architecture's downsampling can take."""
+    spec = get_spec(arch)
+    if min(height, width) < spec.min_size:
+        raise BackboneError(
+            f"image_height/image_width: {arch} needs images of at least "
+            f"{spec.min_size}x{spec.min_size} pixels, got {height}x{width}"
+        )
+
+
+def build_feature_extractor(arch: str, weights: str, height: int, width: int):
+    """Frozen model: RGB 0..255 (H, W, 3) -> pooled features (feature_dim,).
+
+    Input scaling, backbone (BatchNorm in inference mode) and global average pooling,
+    all non-trainable. `weights` is `imagenet` (Keras' download and cache), `none`
+    (random initialisation from BACKBONE_SEED) or a path to a weights file.
+    """
+    import keras
+
+    spec = get_spec(arch)
+    check_image_size(arch, height, width)
+    builder: Callable = getattr(keras.applications, spec.builder_name)
+    kwargs = dict(spec.builder_kwargs)
+    # The seed fixes the random initialisation; with ImageNet or file weights it is harmless.
+    keras.utils.set_random_seed(BACKBONE_SEED)
+    backbone = _instantiate(builder, spec, weights, height, width, kwargs)
+    backbone.trainable = False
+
+    kernel, bias = scaling_matrix(spec.scaling)
+    inputs = keras.Input(shape=(height, width, 3), name="image", dtype="float32")
+    scale = keras.layers.Conv2D(
+        3,
+        1,
+        name="input_scaling",
+        trainable=False,
+        kernel_initializer=keras.initializers.Constant(kernel.reshape(1, 1, 3, 3)),
+        bias_initializer=keras.initializers.Constant(bias),
+    )
+    features = backbone(scale(inputs), training=False)
+    model = keras.Model(inputs, features, name=f"{arch}_features")
+    model.trainable = False
+    return model
+
+
+def _instantiate(builder: Callable, spec: BackboneSpec, weights: str, height: int, width: int, kwargs):
+    common = dict(include_top=False, pooling="avg", input_shape=(height, width, 3), **kwargs)
+    if weights == "imagenet":
+        try:
+            return builder(weights="imagenet", **common)
+        except Exception as exc:  # Keras raises plain Exception for URL failures
+            raise BackboneError(
+                f"weights=imagenet: could not download the ImageNet weights of {spec.name} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r}). "
+                "Without internet access use weights=none (a frozen, seeded random backbone) "
+                "or weights=/path/to/file.weights.h5 (a weights file for this architecture, "
+                "e.g. copied from a machine where Keras downloaded it to ~/.keras/models)."
+            ) from exc
+    model = builder(weights=None, **common)
+    if weights != "none":
+        path = Path(weights)
+        if not path.is_file():
+            raise BackboneError(
+                f"weights: {weights!r} is neither 'imagenet', 'none' nor an existing weights file"
+            )
+        try:
+            model.load_weights(str(path))
+        except Exception as exc:
+            raise BackboneError(
+                f"weights: {path} does not fit {spec.name} without its top "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r})"
+            ) from exc
+    return model

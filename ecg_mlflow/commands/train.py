@@ -1,0 +1,33 @@
+"""`ecg-mlflow train` (MLproject `main`): one backbone, one seed, one tracked run."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ecg_mlflow.commands.options import parse_or_exit, stop_on_sigterm, train_options
+from ecg_mlflow.commands.tracking import EXPERIMENT_HELP, tracked_run
+from ecg_mlflow.config import ConfigError
+from ecg_mlflow import names
+
+
+@click.command()
+@click.option("--arch", default="resnet50", show_default=True, help="backbone name (see `ecg-mlflow backbones`)")
+@click.option("--seed", default="1", show_default=True, help="run seed: validation draw and head initialisation")
+@train_options
+@click.option("--experiment", default=names.DEFAULT_EXPERIMENT, help=EXPERIMENT_HELP)
+def train(experiment: str, **raw: str) -> None:
+    """Train the head on cached frozen-backbone features and log the run to MLflow."""
+    config = parse_or_exit(**raw)
+    stop_on_sigterm()
+    from ecg_mlflow.train import run_name, train_and_log
+
+    try:
+        with tracked_run(experiment, run_name(config), {names.TAG_ROLE: names.ROLE_TRAIN}):
+            train_and_log(config)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted: the run is marked KILLED; the feature cache stays consistent", err=True)
+        sys.exit(130)

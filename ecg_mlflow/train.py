@@ -1,0 +1,244 @@
+"""One training run: features from the cache, the paper's head, everything logged.
+
+`train_and_log` logs into the active MLflow run (the caller opens it: the `train`
+command, `mlflow run`, or the study driver for its child runs), so the same function
+serves every entry point.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ecg_mlflow import names
+from ecg_mlflow.config import ConfigError, TrainConfig, apply_head_config
+from ecg_mlflow.dataset import Manifest, build_manifest
+from ecg_mlflow.features import CacheStats, FeatureKey, default_cache_dir, extract_features
+from ecg_mlflow.splits import Leakage, Split, make_split, measure_leakage
+
+EQUALITY_TOLERANCE = 1e-5
+EQUALITY_SAMPLES = 4
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one run produced, for the study driver and the tests."""
+
+    run_id: str
+    metrics: dict[str, float]
+    split: Split
+    leakage: Leakage
+    cache: CacheStats
+    model_max_abs_diff: float | None
+
+
+def run_name(config: TrainConfig) -> str:
+    """Readable run name shown in the MLflow UI: `resnet50-s3`."""
+    return f"{config.arch}-s{config.seed}"
+
+
+def load_dataset(data: str, *, progress: bool = True) -> Manifest:
+    """The manifest of `data`; a missing folder says how to get the real or a demo set."""
+    if not Path(data).is_dir():
+        raise ConfigError(
+            f"data: dataset folder {data!r} does not exist. Get the real data with "
+            f"`ecg-mlflow data download {data}` (Mendeley Data gwbz3fsgp8 v2), or make a demo "
+            f"set with `ecg-mlflow synth --out {data}`"
+        )
+    return build_manifest(data, progress=progress)
+
+
+def train_and_log(
+    config: TrainConfig, *, manifest: Manifest | None = None, progress: bool = True
+) -> TrainResult:
+    """Train one head on cached features and log the run schema into the active run."""
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("train_and_log needs an active MLflow run")
+    config = apply_head_config(config)
+    manifest = manifest if manifest is not None else load_dataset(config.data, progress=progress)
+    split = make_split(manifest, config.split, config.seed)
+    leakage = measure_leakage(manifest, split)
+    _log_params(run.info.run_id, config, manifest, split)
+    mlflow.set_tag(names.TAG_ROLE, names.ROLE_TRAIN)
+    _log_dataset(manifest, config.data)
+
+    records = {r.relpath: r for r in manifest.records}
+    paths_by_sha: dict[str, Path] = {}
+    for record in manifest.records:
+        paths_by_sha.setdefault(record.sha256, manifest.path_of(record))
+    key = FeatureKey(config.arch, config.weights, config.image_height, config.image_width, config.crop)
+    cache_dir = config.cache_dir or default_cache_dir()
+    _say(progress, f"{run_name(config)}: features for {len(paths_by_sha)} unique images of {len(records)} files")
+    features, cache = extract_features(paths_by_sha, key, cache_dir, progress=progress)
+    _say(progress, f"{run_name(config)}: cache hits {cache.hits}, backbone passes {cache.misses}")
+
+    def matrix(relpaths):
+        return np.stack([features[records[p].sha256] for p in relpaths])
+
+    from ecg_mlflow.head import one_hot, train_head
+
+    labels = {subset: [records[p].label for p in getattr(split, subset)] for subset in ("train", "val", "test")}
+    start = time.perf_counter()
+    head, history = train_head(
+        matrix(split.train), one_hot(labels["train"]),
+        matrix(split.val), one_hot(labels["val"]),
+        config.head_config_obj(), config.seed,
+        on_epoch_end=lambda epoch, logs: mlflow.log_metrics(
+            {k: float(logs[k]) for k in names.EPOCH_METRICS if k in logs}, step=epoch
+        ),
+    )
+    time_head = time.perf_counter() - start
+    probabilities = {s: np.asarray(head.predict(matrix(getattr(split, s)), verbose=0)) for s in ("val", "test")}
+
+    from ecg_mlflow.evaluation import evaluate
+
+    metrics = {**evaluate("test", labels["test"], probabilities["test"]),
+               **evaluate("val", labels["val"], probabilities["val"])}
+    metrics.update({
+        names.METRIC_BEST_EPOCH: history.best_epoch,
+        names.METRIC_STOPPED_EPOCH: history.stopped_epoch,
+        names.METRIC_LEAKAGE_EXACT: leakage.exact,
+        names.METRIC_LEAKAGE_NEAR: leakage.near,
+        names.METRIC_TIME_FEATURES: cache.seconds,
+        names.METRIC_TIME_HEAD: time_head,
+        "cache_hits": cache.hits,
+        "cache_misses": cache.misses,
+    })
+    mlflow.log_metrics(metrics)
+    _log_artifacts(config, manifest, split, records, labels["test"], probabilities["test"], history)
+
+    max_diff = None
+    if config.log_model:
+        test_sample = list(split.test[:EQUALITY_SAMPLES])
+        max_diff = _log_full_model(config, head, [manifest.path_of(records[p]) for p in test_sample],
+                                   matrix(test_sample), progress)
+    _say(progress, f"{run_name(config)}: test accuracy {metrics['test_accuracy']:.3f}, "
+                   f"macro F1 {metrics['test_f1_macro']:.3f} (run {run.info.run_id})")
+    return TrainResult(run.info.run_id, metrics, split, leakage, cache, max_diff)
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(message, flush=True)
+
+
+def _log_params(run_id: str, config: TrainConfig, manifest: Manifest, split: Split) -> None:
+    """Log the effective parameters. `mlflow run` has already logged the raw entry point
+    values, which MLflow will not overwrite; those keep the user's spelling."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient().get_run(run_id).data.params
+    params = config.as_params()
+    if not config.cache_dir:
+        params["cache_dir"] = str(default_cache_dir())
+    params.update({
+        names.PARAM_DATA_DIGEST: manifest.digest,
+        names.PARAM_TEST_DIGEST: split.test_digest,
+        names.PARAM_N_TRAIN: str(len(split.train)),
+        names.PARAM_N_VAL: str(len(split.val)),
+        names.PARAM_N_TEST: str(len(split.test)),
+    })
+    mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+
+
+def _log_dataset(manifest: Manifest, source: str) -> None:
+    import mlflow
+
+    frame = manifest.to_frame()
+    dataset = mlflow.data.from_pandas(
+        frame, source=str(Path(source).resolve()), name=Path(source).name or "dataset",
+        digest=manifest.digest[:36],
+    )
+    mlflow.log_input(dataset, context="training")
+
+
+def _log_artifacts(config, manifest, split, records, test_labels, test_probs, history) -> None:
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    from ecg_mlflow.evaluation import (
+        confusion, confusion_json, plot_confusion, plot_curves, predictions_frame,
+    )
+
+    frame = predictions_frame(split.test, [records[p].sha256 for p in split.test], test_labels, test_probs)
+    mlflow.log_text(frame.to_csv(index=False), names.ARTIFACT_PREDICTIONS)
+    matrix = confusion(frame[names.COL_TRUE], frame[names.COL_PRED])
+    mlflow.log_text(confusion_json(matrix), names.ARTIFACT_CONFUSION_JSON)
+    title = f"{run_name(config)} test set (n={len(split.test)})"
+    for figure, artifact in ((plot_confusion(matrix, title), names.ARTIFACT_CONFUSION_PNG),
+                             (plot_curves(history, run_name(config)), names.ARTIFACT_CURVES)):
+        mlflow.log_figure(figure, artifact)
+        plt.close(figure)
+    mlflow.log_text(split.to_frame(manifest).to_csv(index=False), names.ARTIFACT_SPLIT)
+
+
+def assemble_model(config: TrainConfig, head):
+    """The whole model, RGB 0..255 in, class probabilities out: input scaling, frozen
+    backbone, pooling (one feature extractor) and the trained head."""
+    import keras
+
+    from ecg_mlflow.backbones import build_feature_extractor
+
+    extractor = build_feature_extractor(config.arch, config.weights, config.image_height, config.image_width)
+    inputs = keras.Input(shape=(config.image_height, config.image_width, 3), name="image", dtype="float32")
+    outputs = head(extractor(inputs))
+    return keras.Model(inputs, outputs, name=f"ecg_{config.arch}")
+
+
+def check_model_matches_head(model, head, pixels: np.ndarray, features: np.ndarray) -> float:
+    """Max abs difference between the whole model on images and the head on cached
+    features; above EQUALITY_TOLERANCE the model would not be the one that was evaluated."""
+    whole = np.asarray(model.predict(pixels, verbose=0))
+    cached = np.asarray(head.predict(features, verbose=0))
+    diff = float(np.abs(whole - cached).max())
+    if diff > EQUALITY_TOLERANCE:
+        raise RuntimeError(
+            f"the assembled model disagrees with the trained head on cached features "
+            f"(max abs difference {diff:.2e} > {EQUALITY_TOLERANCE:.0e}); the feature cache "
+            "may be stale: clear it and rerun"
+        )
+    return diff
+
+
+def model_signature(height: int, width: int):
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, height, width, 3), "image")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 4), "probabilities")]),
+    )
+
+
+def pinned_requirements(*packages: str) -> list[str]:
+    """`name==version` of installed packages, so MLflow skips slow requirement inference."""
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in packages]
+
+
+def _log_full_model(config: TrainConfig, head, image_paths, features, progress: bool) -> float:
+    import mlflow
+
+    from ecg_mlflow.preprocess import load_pixels
+
+    model = assemble_model(config, head)
+    pixels = np.stack([load_pixels(p, config.image_height, config.image_width, config.crop)
+                       for p in image_paths]).astype(np.float32)
+    diff = check_model_matches_head(model, head, pixels, features)
+    mlflow.log_metric("model_max_abs_diff", diff)
+    _say(progress, f"{run_name(config)}: whole model equals head on cached features (max abs diff {diff:.1e}); logging it")
+    mlflow.keras.log_model(
+        model,
+        name=names.MODEL_ARTIFACT,
+        signature=model_signature(config.image_height, config.image_width),
+        pip_requirements=pinned_requirements("mlflow", "keras", "tensorflow-cpu"),
+    )
+    return diff
