@@ -443,12 +443,16 @@ def up(only: str | None = None) -> dict[str, str]:
                 f"{service}: port {host}:{ports[service]} (from {layout.ports_file}) is used by "
                 f"another process; stop it, or `down --purge` to pick new ports"
             )
-        if service == "postgres":
-            start_postgres(layout, host, ports["postgres"], password)
-        elif service == "s3":
-            start_s3(layout, host, ports["s3"])
-        else:
-            start_mlflow(layout, host, ports, password)
+        try:
+            if service == "postgres":
+                start_postgres(layout, host, ports["postgres"], password)
+            elif service == "s3":
+                start_s3(layout, host, ports["s3"])
+            else:
+                start_mlflow(layout, host, ports, password)
+        except BaseException:
+            stop(layout, service)  # leave no half-started process behind the error
+            raise
     env = exports(host, ports, password)
     layout.env_file.write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
     layout.env_file.chmod(0o600)

@@ -1,0 +1,151 @@
+"""Pytest plugin: a real team tracking server (PostgreSQL 15 + moto S3 + MLflow) for a session.
+
+Register it in tests/conftest.py with `from infra_fixtures import team_server  # noqa: F401`.
+The fixture starts `infra/local/up` in a fresh state folder, yields a `TeamServer` that tells
+clients where everything is and lets fault tests stop, start and restart one service, and runs
+`infra/local/down --purge` at the end. Where PostgreSQL 15 is not installed it skips, unless
+`ECG_MLFLOW_REQUIRE_INFRA=1` (CI), where it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+INFRA_LOCAL = PROJECT_ROOT / "infra" / "local"
+INITDB = Path("/usr/lib/postgresql/15/bin/initdb")
+SERVICES = ("postgres", "s3", "mlflow")
+UP_KEYS = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "ECG_MLFLOW_S3_BUCKET",
+    "ECG_MLFLOW_POSTGRES_URI",
+    "ECG_MLFLOW_OPTUNA_STORAGE",
+)
+S3_DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+
+def require_infra() -> None:
+    """Skip (or, with ECG_MLFLOW_REQUIRE_INFRA=1, fail) where PostgreSQL 15 is missing."""
+    if INITDB.exists():
+        return
+    message = f"PostgreSQL 15 not installed ({INITDB} missing); run infra/install-system-deps"
+    if os.environ.get("ECG_MLFLOW_REQUIRE_INFRA") == "1":
+        pytest.fail(f"ECG_MLFLOW_REQUIRE_INFRA=1 but {message}", pytrace=False)
+    pytest.skip(message)
+
+
+def parse_up_output(stdout: str) -> dict[str, str]:
+    """The `KEY=VALUE` lines `infra/local/up` prints, as a dict."""
+    found = {}
+    for line in stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key in UP_KEYS:
+            found[key] = value
+    missing = [k for k in UP_KEYS if k not in found]
+    if missing:
+        raise RuntimeError(f"infra/local/up printed no {', '.join(missing)} line; output:\n{stdout}")
+    return found
+
+
+@dataclass
+class TeamServer:
+    """A running local team server and the handles the fault tests need."""
+
+    state_dir: Path
+    settings: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.settings["MLFLOW_TRACKING_URI"]
+
+    @property
+    def s3_endpoint(self) -> str:
+        return self.settings["MLFLOW_S3_ENDPOINT_URL"]
+
+    @property
+    def bucket(self) -> str:
+        return self.settings["ECG_MLFLOW_S3_BUCKET"]
+
+    @property
+    def postgres_uri(self) -> str:
+        return self.settings["ECG_MLFLOW_POSTGRES_URI"]
+
+    @property
+    def optuna_storage(self) -> str:
+        return self.settings["ECG_MLFLOW_OPTUNA_STORAGE"]
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for a client process (a training subprocess, `mlflow run`, ...)."""
+        return {**os.environ, **self.settings, "MLFLOW_TRACKING_URI": self.tracking_uri}
+
+    def s3(self):
+        """A boto3 S3 client for the test server (dummy credentials)."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.s3_endpoint, region_name="us-east-1", **{
+            "aws_access_key_id": S3_DUMMY_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": S3_DUMMY_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        })
+
+    def run_script(self, name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        """Run `infra/local/<name>` against this server's state folder; raise with its stderr."""
+        result = subprocess.run(
+            [str(INFRA_LOCAL / name), *args],
+            env={**os.environ, "ECG_MLFLOW_INFRA_DIR": str(self.state_dir)},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"infra/local/{name} {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
+            )
+        return result
+
+    def up(self, only: str | None = None) -> None:
+        result = self.run_script("up", *(["--only", only] if only else []))
+        self.settings = parse_up_output(result.stdout)
+
+    def stop(self, service: str) -> None:
+        """Stop one service (`postgres`, `s3` or `mlflow`); `start` brings it back on its port."""
+        self.run_script("down", "--only", service)
+
+    def start(self, service: str) -> None:
+        self.up(only=service)
+
+    def restart(self, service: str) -> None:
+        self.run_script("restart", service)
+
+    def down(self, purge: bool = True) -> None:
+        self.run_script("down", *(["--purge"] if purge else []))
+
+
+def start_team_server() -> TeamServer:
+    """Start a fresh server in a new folder the `postgres` user can reach (not pytest's 0700 tmp)."""
+    require_infra()
+    state = Path(tempfile.mkdtemp(prefix="ecg-mlflow-infra-"))
+    state.chmod(0o711)
+    server = TeamServer(state_dir=state)
+    try:
+        server.up()
+    except BaseException:
+        server.down()
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def team_server():
+    """A running local team server for the whole session; torn down (and purged) at the end."""
+    server = start_team_server()
+    try:
+        yield server
+    finally:
+        server.down()
