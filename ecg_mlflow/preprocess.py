@@ -1,0 +1,136 @@
+"""The one preprocessing function: image bytes or file in, uint8 RGB pixels out.
+
+Training, evaluation and serving all call `load_pixels`, so a model never sees pixels
+prepared differently from the ones it was trained on. Backbone-specific input scaling is
+NOT done here: it lives inside the saved model, which takes RGB values 0..255.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+CROPS: tuple[str, ...] = ("none", "grid")
+
+GRID_BOX: tuple[float, float, float, float] = (72 / 2213, 287 / 1572, 2173 / 2213, 1514 / 1572)
+"""The trace grid as fractions (left, top, right, bottom) of the 2213 x 1572 Mendeley
+original (x 72..2173, y 287..1514). `crop="grid"` keeps only this box, dropping the printed
+header (exam ID) and footer (heart rate) a model could otherwise read instead of the traces.
+Fractions, so the box applies to the half-size copies and to any other size alike."""
+
+MAX_PIXELS: int = 40_000_000
+"""Images with more pixels (from the file header) are refused before any decoding, so an
+absurd upload fails at once instead of eating memory. A Mendeley original has 3.5 M."""
+
+SUPPORTED_MODES: frozenset[str] = frozenset(
+    {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
+)
+"""PIL modes with a faithful conversion to 8-bit RGB; 16/32-bit and float modes are refused."""
+
+RESAMPLE = Image.Resampling.BILINEAR
+"""Resize filter: PIL's bilinear, which widens its support when shrinking, so downscaling
+averages over the source area (no aliasing of the thin trace lines)."""
+
+_PAPER_WHITE = (255, 255, 255)
+
+
+class ImageDecodeError(ValueError):
+    """An input that cannot be turned into pixels; the message says why."""
+
+
+def open_image(source: bytes | str | Path) -> Image.Image:
+    """Open lazily (header only) and refuse empty, non-image, oversized or odd-mode input."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if not data:
+            raise ImageDecodeError("empty input: 0 bytes")
+        stream: io.BytesIO | Path = io.BytesIO(data)
+    else:
+        stream = Path(source)
+        try:
+            if stream.stat().st_size == 0:
+                raise ImageDecodeError("empty file: 0 bytes")
+        except OSError as exc:
+            raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(stream)
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"image too large: {exc}; the limit is {MAX_PIXELS} pixels") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError("not an image (no JPEG/PNG or other known image header)") from exc
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageDecodeError(
+            f"image too large: {width} x {height} = {width * height} pixels, "
+            f"the limit is {MAX_PIXELS} pixels"
+        )
+    if image.mode not in SUPPORTED_MODES:
+        raise ImageDecodeError(
+            f"unsupported image mode {image.mode!r}: use 8-bit RGB, grayscale or palette images"
+        )
+    return image
+
+
+def decode(image: Image.Image) -> Image.Image:
+    """Decode the pixel data, turning truncation and corrupt data into ImageDecodeError."""
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"truncated or corrupt image data ({exc})") from exc
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert to RGB; transparent areas become paper white, not the hidden colour under them."""
+    if image.mode == "RGB":
+        return image
+    has_alpha = image.mode in ("LA", "La", "PA", "RGBA", "RGBa") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if not has_alpha:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, _PAPER_WHITE + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def crop_box(size: tuple[int, int], crop: str) -> tuple[int, int, int, int]:
+    """The pixel box that `crop` keeps of an image of `size` (width, height)."""
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
+    width, height = size
+    if crop == "none":
+        return (0, 0, width, height)
+    left, top, right, bottom = GRID_BOX
+    return (round(left * width), round(top * height), round(right * width), round(bottom * height))
+
+
+def load_pixels(source: bytes | str | Path, height: int, width: int, crop: str = "none") -> np.ndarray:
+    """Decode, apply EXIF orientation, convert to RGB, crop, resize: uint8 (height, width, 3).
+
+    Args:
+        source: encoded image bytes (JPEG, PNG, ...) or a path to an image file.
+        height, width: output size in pixels.
+        crop: "none" keeps the whole report, "grid" keeps only GRID_BOX (the trace grid).
+
+    Raises:
+        ImageDecodeError: empty, not an image, truncated, too large or unsupported mode.
+        ValueError: a bad `height`, `width` or `crop` argument.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"height and width must be positive, got {height} x {width}")
+    box = crop_box((1, 1), crop)  # validates crop before any decoding
+    image = decode(open_image(source))
+    image = to_rgb(ImageOps.exif_transpose(image))
+    box = crop_box(image.size, crop)
+    if box != (0, 0, *image.size):
+        image = image.crop(box)
+    if image.size != (width, height):
+        image = image.resize((width, height), RESAMPLE)
+    return np.asarray(image, dtype=np.uint8)
