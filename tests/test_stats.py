@@ -1,0 +1,256 @@
+"""The statistics of analysis/stats.py pinned to scipy, pingouin, R and hand-computed values."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pingouin as pg
+import pytest
+from scipy import stats as sps
+from scipy.stats import rankdata
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+from analysis.stats import (
+    bonferroni,
+    cohens_dz,
+    compare_metric,
+    confusion_metrics,
+    describe,
+    ensemble_correct,
+    mcnemar_exact,
+    paired_bootstrap,
+    paired_ttest,
+    wilcoxon_signed_rank,
+)
+
+# Student's sleep data (R: datasets::sleep), extra hours of sleep, drug 1 and drug 2 per patient.
+SLEEP_1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
+SLEEP_2 = [1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4]
+
+
+def test_paired_ttest_matches_r_textbook_values():
+    # R: with(sleep, t.test(extra[group == 1], extra[group == 2], paired = TRUE))
+    # t = -4.0621, df = 9, p-value = 0.002833, 95 percent CI -2.4598858 -0.7001142, mean -1.58
+    result = paired_ttest(SLEEP_1, SLEEP_2, confidence=0.95)
+    assert result.t == pytest.approx(-4.0621, abs=1e-4)
+    assert result.df == 9
+    assert result.p == pytest.approx(0.002833, abs=1e-6)
+    assert result.ci_low == pytest.approx(-2.4598858, abs=1e-7)
+    assert result.ci_high == pytest.approx(-0.7001142, abs=1e-7)
+    assert result.mean_diff == pytest.approx(-1.58)
+
+
+def test_paired_ttest_matches_scipy_and_pingouin_at_98_75_percent():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(0.80, 0.02, 10), rng.normal(0.78, 0.03, 10)
+    result = paired_ttest(x, y, confidence=0.9875)
+    reference = sps.ttest_rel(x, y)
+    assert result.t == pytest.approx(reference.statistic, rel=1e-12)
+    assert result.p == pytest.approx(reference.pvalue, rel=1e-12)
+    interval = reference.confidence_interval(0.9875)
+    assert (result.ci_low, result.ci_high) == pytest.approx((interval.low, interval.high), rel=1e-12)
+
+    oracle = pg.ttest(x, y, paired=True, confidence=0.9875).iloc[0]
+    ci_column = next(c for c in oracle.index if str(c).startswith("CI"))
+    assert result.t == pytest.approx(oracle["T"], rel=1e-9)
+    assert result.df == oracle["dof"]
+    assert result.p == pytest.approx(oracle["p_val"], rel=1e-9)
+    assert result.ci_low == pytest.approx(oracle[ci_column][0], abs=5e-3)  # pingouin rounds its CI
+    assert result.ci_high == pytest.approx(oracle[ci_column][1], abs=5e-3)
+
+    # by hand: mean(d) +- t_{(1 + 0.9875) / 2, 9} * SD(d) / sqrt(10)
+    d = x - y
+    half = sps.t.ppf(1 - 0.0125 / 2, 9) * d.std(ddof=1) / math.sqrt(10)
+    assert (result.ci_low, result.ci_high) == pytest.approx((d.mean() - half, d.mean() + half), rel=1e-12)
+
+
+def test_describe_gives_the_t_interval_of_the_mean():
+    values = [0.81, 0.79, 0.84, 0.80, 0.83]
+    summary = describe(values, confidence=0.9875)
+    low, high = sps.t.interval(0.9875, 4, loc=np.mean(values), scale=sps.sem(values))
+    assert summary.n == 5
+    assert summary.mean == pytest.approx(np.mean(values))
+    assert summary.sd == pytest.approx(np.std(values, ddof=1))
+    assert (summary.ci_low, summary.ci_high) == pytest.approx((low, high), rel=1e-12)
+
+
+def test_cohens_dz_is_mean_over_sd_of_differences():
+    # sleep data: d = drug1 - drug2, mean -1.58, SD 1.229995; d_z = t / sqrt(n) = -4.0621 / sqrt(10)
+    assert cohens_dz(SLEEP_1, SLEEP_2) == pytest.approx(-1.2845576, abs=1e-6)
+    assert cohens_dz(SLEEP_1, SLEEP_2) == pytest.approx(paired_ttest(SLEEP_1, SLEEP_2).t / math.sqrt(10))
+    # not pingouin's paired cohen-d (pooled SD of x and y), which is 0.832 here
+    assert abs(cohens_dz(SLEEP_1, SLEEP_2)) != pytest.approx(0.8321811, abs=1e-3)
+
+
+def test_bonferroni_multiplies_and_caps_at_one():
+    assert bonferroni(0.01, 4) == pytest.approx(0.04)
+    assert bonferroni(0.3, 4) == 1.0
+    assert bonferroni(0.25, 4) == 1.0
+    assert math.isnan(bonferroni(math.nan, 4))
+    with pytest.raises(ValueError, match="k must be an integer >= 1"):
+        bonferroni(0.01, 0)
+    with pytest.raises(ValueError, match=r"p-value must lie in \[0, 1\]"):
+        bonferroni(1.5, 4)
+
+
+def _brute_force_wilcoxon_p(x, y) -> float:
+    """Exact two-sided p by enumerating all 2**n sign assignments of the ranked |d| (zeros dropped)."""
+    d = np.subtract(x, y)
+    d = d[d != 0]
+    ranks = rankdata(np.abs(d))
+    observed = ranks[d > 0].sum()
+    totals = [sum(r for r, s in zip(ranks, signs) if s) for signs in itertools.product([0, 1], repeat=d.size)]
+    totals = np.array(totals)
+    return min(1.0, 2 * min(np.mean(totals <= observed + 1e-9), np.mean(totals >= observed - 1e-9)))
+
+
+def test_wilcoxon_exact_without_ties_matches_enumeration_and_pingouin():
+    x = [0.82, 0.85, 0.79, 0.88, 0.81, 0.86, 0.80]
+    y = [0.80, 0.81, 0.80, 0.83, 0.78, 0.80, 0.795]
+    result = wilcoxon_signed_rank(x, y)
+    assert result.method == "exact"
+    assert result.p == pytest.approx(_brute_force_wilcoxon_p(x, y), rel=1e-12)
+    assert result.p == pytest.approx(pg.wilcoxon(x, y).iloc[0]["p_val"], rel=1e-12)
+    assert result.statistic == pytest.approx(sps.wilcoxon(x, y).statistic)
+
+
+def test_wilcoxon_with_ties_is_exact_permutation():
+    x = [0.80, 0.82, 0.81, 0.85, 0.80, 0.79]
+    y = [0.78, 0.80, 0.81, 0.82, 0.78, 0.80]  # |d| = .02, .02, 0, .03, .02, .01: ties and a zero
+    result = wilcoxon_signed_rank(np.round(x, 2), np.round(y, 2))
+    assert result.method.startswith("exact permutation")
+    assert result.n_nonzero == 5
+    assert result.p == pytest.approx(_brute_force_wilcoxon_p(np.round(x, 2), np.round(y, 2)), rel=1e-9)
+
+
+def test_wilcoxon_five_pairs_cannot_go_below_0_0625():
+    # all five differences positive: the most extreme outcome, exact p = 2 / 2**5
+    result = wilcoxon_signed_rank([0.9, 0.91, 0.92, 0.93, 0.95], [0.8, 0.8, 0.8, 0.8, 0.8])
+    assert result.p == pytest.approx(0.0625)
+    assert result.min_p == pytest.approx(0.0625)
+
+
+def test_mcnemar_exact_matches_binomial_by_hand():
+    # b = 1, c = 9: p = 2 * sum_{i<=1} C(10, i) / 2**10 = 2 * (1 + 10) / 1024 = 0.021484375
+    first = np.array([True] * 1 + [False] * 9 + [True] * 20 + [False] * 5)
+    second = np.array([False] * 1 + [True] * 9 + [True] * 20 + [False] * 5)
+    result = mcnemar_exact(first, second)
+    assert (result.b, result.c, result.n) == (1, 9, 35)
+    assert result.p == pytest.approx(22 / 1024, rel=1e-12)
+    assert result.p == pytest.approx(sps.binomtest(1, 10, 0.5).pvalue)
+    # b = c: p = 1; no discordant images: p = 1
+    assert mcnemar_exact(np.array([True, False]), np.array([False, True])).p == pytest.approx(1.0)
+    assert mcnemar_exact(np.array([True, True]), np.array([True, True])).p == 1.0
+
+
+def test_ensemble_correct_uses_argmax_of_mean_probabilities():
+    true = np.array([0, 1])
+    probs = np.array([[[0.6, 0.4], [0.6, 0.4]], [[0.3, 0.7], [0.0, 1.0]]])  # 2 seeds x 2 images x 2 classes
+    # image 0: mean (0.45, 0.55) -> class 1, wrong; image 1: mean (0.3, 0.7) -> class 1, right
+    assert ensemble_correct(true, probs).tolist() == [False, True]
+
+
+def _random_runs(rng, true, n_runs, hit_rate, k=4):
+    guesses = rng.integers(0, k, size=(n_runs, true.size))
+    return np.where(rng.random((n_runs, true.size)) < hit_rate, true, guesses)
+
+
+def test_confusion_metrics_match_sklearn():
+    rng = np.random.default_rng(0)
+    true = rng.integers(0, 4, 60)
+    pred = _random_runs(rng, true, 1, 0.6)[0]
+    confusion = np.zeros((4, 4))
+    np.add.at(confusion, (true, pred), 1)
+    got = confusion_metrics(confusion)
+    assert got["accuracy"] == pytest.approx(accuracy_score(true, pred))
+    assert got["precision_macro"] == pytest.approx(precision_score(true, pred, average="macro", zero_division=0))
+    assert got["recall_macro"] == pytest.approx(recall_score(true, pred, average="macro", zero_division=0))
+    assert got["f1_macro"] == pytest.approx(f1_score(true, pred, average="macro", zero_division=0))
+
+
+def test_bootstrap_identical_predictions_give_zero_difference_and_p_one():
+    rng = np.random.default_rng(1)
+    true = rng.integers(0, 4, 50)
+    runs = _random_runs(rng, true, 3, 0.7)
+    results = paired_bootstrap(true, runs, runs.copy(), n_resamples=500, seed=7)
+    for result in results.values():
+        assert result.observed_diff == 0.0
+        assert (result.ci_low, result.ci_high) == (0.0, 0.0)
+        assert result.p == 1.0
+
+
+def test_bootstrap_always_right_vs_always_wrong_gives_difference_one_and_tiny_p():
+    true = np.tile(np.arange(4), 10)
+    right = np.tile(true, (3, 1))
+    wrong = (right + 1) % 4
+    result = paired_bootstrap(true, right, wrong, ("accuracy",), n_resamples=999, seed=0)["accuracy"]
+    assert result.observed_diff == 1.0
+    assert (result.ci_low, result.ci_high) == (1.0, 1.0)
+    assert result.p == pytest.approx(2 / 1000)  # 2 * (1 + 0) / (B + 1): nothing on the other side of 0
+
+
+def test_bootstrap_matches_a_loop_over_resamples_with_sklearn():
+    rng = np.random.default_rng(2)
+    true = rng.integers(0, 4, 40)
+    first, second = _random_runs(rng, true, 3, 0.75), _random_runs(rng, true, 3, 0.6)
+    n_resamples, seed, confidence = 200, 11, 0.9
+    got = paired_bootstrap(true, first, second, n_resamples=n_resamples, seed=seed, confidence=confidence)
+
+    # the same draws, one resample at a time, metrics from scikit-learn
+    draws = np.random.default_rng(seed).integers(0, true.size, size=(n_resamples, true.size))
+    scorers = {
+        "accuracy": accuracy_score,
+        "f1_macro": lambda t, p: f1_score(t, p, average="macro", labels=range(4), zero_division=0),
+        "recall_macro": lambda t, p: recall_score(t, p, average="macro", labels=range(4), zero_division=0),
+        "precision_macro": lambda t, p: precision_score(t, p, average="macro", labels=range(4), zero_division=0),
+    }
+    for metric, score in scorers.items():
+        diffs = np.array(
+            [np.mean([score(true[i], r[i]) for r in first]) - np.mean([score(true[i], r[i]) for r in second]) for i in draws]
+        )
+        observed = np.mean([score(true, r) for r in first]) - np.mean([score(true, r) for r in second])
+        assert got[metric].observed_diff == pytest.approx(observed, abs=1e-12)
+        low, high = np.quantile(diffs, [0.05, 0.95])
+        assert (got[metric].ci_low, got[metric].ci_high) == pytest.approx((low, high), abs=1e-12)
+        p = min(1.0, 2 * min((1 + np.sum(diffs <= 0)) / 201, (1 + np.sum(diffs >= 0)) / 201))
+        assert got[metric].p == pytest.approx(p)
+
+
+def test_compare_metric_uses_bonferroni_confidence_and_names_the_winner():
+    x, y = [0.80, 0.82, 0.81, 0.83, 0.84], [0.78, 0.79, 0.80, 0.80, 0.79]
+    result = compare_metric("accuracy", "resnet50", "efficientnetv2s", x, y, alpha=0.05, k=4)
+    assert result.confidence == pytest.approx(0.9875)
+    assert result.first_summary.confidence == pytest.approx(0.9875)
+    assert result.winner == "resnet50"
+    assert result.p_bonferroni == pytest.approx(min(1, 4 * sps.ttest_rel(x, y).pvalue))
+    assert result.significant == (result.p_bonferroni < 0.05)
+    row = result.to_dict()
+    assert row["mean_diff"] == pytest.approx(np.mean(np.subtract(x, y)))
+    assert row["winner"] == "resnet50"
+    assert list(result.to_frame()["metric"]) == ["accuracy"]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: paired_ttest([0.1, 0.2, 0.3], [0.1, 0.2]), "equal lengths"),
+        (lambda: paired_ttest([0.1], [0.2]), r"at least 2 values \(n >= 2\)"),
+        (lambda: paired_ttest([0.1, math.nan], [0.2, 0.3]), "NaN or infinite"),
+        (lambda: paired_ttest([0.1, 0.2], [0.2, 0.3], confidence=1.5), "confidence must be"),
+        (lambda: compare_metric("accuracy", "a", "b", [0.1, 0.2], [0.2, 0.3], alpha=0.0), "alpha must be"),
+        (lambda: compare_metric("accuracy", "a", "b", [0.1, 0.2], [0.2, 0.3], alpha=1.2), "alpha must be"),
+        (lambda: wilcoxon_signed_rank([0.1, 0.2, 0.3], [0.2, 0.3]), "equal lengths"),
+        (lambda: cohens_dz([[0.1, 0.2]], [[0.2, 0.3]]), "one-dimensional"),
+        (lambda: paired_bootstrap([0, 1], [[0, 1]], [[0, 1]], ("auc",), n_resamples=100), "unknown metric 'auc'"),
+        (lambda: paired_bootstrap([0, 1], [[0, 1, 1]], [[0, 1]], n_resamples=100), r"shape \(runs, 2 images\)"),
+        (lambda: paired_bootstrap([0, 1], [[0, 7]], [[0, 1]], n_resamples=100), "integer class indices in 0..3"),
+        (lambda: paired_bootstrap([0, 1], [[0, 1]], [[0, 1]], n_resamples=10), "n_resamples must be"),
+        (lambda: mcnemar_exact(np.array([True]), np.array([True, False])), "equal lengths"),
+        (lambda: mcnemar_exact(np.array([1, 0]), np.array([True, False])), "boolean"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_the_problem(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
