@@ -20,3 +20,5 @@ def main() -> None:
 # Subcommands register below, one line each.
 from ecg_mlflow.commands.synth import synth  # noqa: E402
 main.add_command(synth)
+from analysis.cli import analyze  # noqa: E402
+main.add_command(analyze)

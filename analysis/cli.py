@@ -1,0 +1,80 @@
+"""`ecg-mlflow analyze` / `python -m analysis`: statistics over a study's finished runs."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from ecg_mlflow.names import DEFAULT_EXPERIMENT
+
+DEFAULT_METRICS = "accuracy,precision_macro,recall_macro,f1_macro"
+
+
+@click.command("analyze")
+@click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="Experiment holding the study.")
+@click.option("--study", default="latest", show_default=True, help="Study parent run id, or 'latest'.")
+@click.option("--metrics", default=DEFAULT_METRICS, show_default=True, help="Comma-separated; the first is primary.")
+@click.option("--alpha", default="0.05", show_default=True, help="Family-wise level (Bonferroni over the metrics).")
+@click.option("--n-resamples", default="2000", show_default=True, help="Bootstrap resamples over test images.")
+@click.option("--bootstrap-seed", default="0", show_default=True, help="Seed of the bootstrap.")
+def analyze(experiment: str, study: str, metrics: str, alpha: str, n_resamples: str, bootstrap_seed: str) -> None:
+    """Paired tests of the study's two backbones; logs an analysis run (ecg.role=analysis).
+
+    Inside `mlflow run` (MLFLOW_RUN_ID set) it logs into that run instead of a new one.
+    """
+    import warnings
+
+    import mlflow
+
+    from analysis.gather import AnalysisWarning
+    from analysis.report import terminal_table
+    from analysis.run import analyze_study, log_analysis, parse_alpha, parse_metrics
+
+    try:
+        chosen = parse_metrics(metrics)
+        level = parse_alpha(alpha)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from error
+    resamples = _parse_int(n_resamples, "--n-resamples", minimum=100)
+    seed = _parse_int(bootstrap_seed, "--bootstrap-seed", minimum=0)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", AnalysisWarning)
+        try:
+            result = analyze_study(
+                experiment=experiment, study=study, metrics=chosen, alpha=level,
+                n_resamples=resamples, bootstrap_seed=seed,
+            )
+        except ValueError as error:
+            raise click.ClickException(str(error)) from error
+    for warning in caught:
+        if issubclass(warning.category, AnalysisWarning):
+            click.echo(f"warning: {warning.message}", err=True)
+
+    inside_project_run = bool(os.environ.get("MLFLOW_RUN_ID"))
+    start = {} if inside_project_run else {
+        "experiment_id": result.experiment_id,
+        "run_name": f"analysis-{result.study_run_id[:8]}",
+        "tags": {"mlflow.parentRunId": result.study_run_id},
+    }
+    with mlflow.start_run(**start) as run:
+        log_analysis(result, run.info.run_id, study=study, experiment=experiment)
+
+    click.echo(f"study {result.study_run_id}: {result.first} minus {result.second}, {result.n_pairs} seed pairs, "
+               f"{result.n_images} test images, {result.confidence:.2%} intervals")
+    click.echo(terminal_table(result))
+    for sentence in result.disagreements():
+        click.echo(f"note: {sentence}")
+    click.echo(f"winner: {result.winner} (primary metric {result.primary_metric}, significant={str(result.significant).lower()})")
+    click.echo(f"analysis run: {run.info.run_id}")
+
+
+def _parse_int(text: str, option: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise click.BadParameter(f"{option} must be an integer >= {minimum}, got {text!r}")
+    return value

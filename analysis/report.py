@@ -1,0 +1,265 @@
+"""Turn a StudyAnalysis into what people read: terminal table, report.md, results files, figures."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from analysis import schema
+
+if TYPE_CHECKING:
+    from analysis.run import StudyAnalysis
+    from analysis.stats import MetricComparison
+
+BAR_COLOURS = ("#4C72B0", "#DD8452")
+
+
+def _num(value: float, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
+
+
+def _mean_ci(mean: float, low: float, high: float) -> str:
+    return f"{mean:.4f} [{low:.4f}, {high:.4f}]"
+
+
+def summary_rows(analysis: StudyAnalysis) -> list[dict[str, str]]:
+    """One display row per metric: the columns of the terminal and markdown tables."""
+    level = f"{analysis.confidence:.2%}".rstrip("0").rstrip(".")
+    rows = []
+    for c in analysis.comparisons:
+        boot = c.bootstrap
+        rows.append(
+            {
+                "metric": c.metric,
+                f"{c.first} mean [{level} CI]": _mean_ci(c.first_summary.mean, c.first_summary.ci_low, c.first_summary.ci_high),
+                f"{c.second} mean [{level} CI]": _mean_ci(c.second_summary.mean, c.second_summary.ci_low, c.second_summary.ci_high),
+                "diff [CI]": _mean_ci(c.ttest.mean_diff, c.ttest.ci_low, c.ttest.ci_high),
+                "t (df)": f"{_num(c.ttest.t, 3)} ({c.ttest.df})",
+                "p": _num(c.ttest.p),
+                "p Bonf.": _num(c.p_bonferroni),
+                "p Wilcoxon": _num(c.wilcoxon.p),
+                "d_z": _num(c.d_z, 3),
+                "boot diff [CI]": _mean_ci(boot.observed_diff, boot.ci_low, boot.ci_high) if boot else "n/a",
+                "p boot": _num(boot.p) if boot else "n/a",
+                "p McNemar": _num(c.mcnemar.p) if c.mcnemar else "",
+                "winner": c.winner,
+                "sig.": "*" if c.significant else "ns",
+            }
+        )
+    return rows
+
+
+def terminal_table(analysis: StudyAnalysis) -> str:
+    """The results as an aligned text table (printed by `analyze`)."""
+    rows = summary_rows(analysis)
+    columns = list(rows[0])
+    widths = {col: max(len(col), *(len(r[col]) for r in rows)) for col in columns}
+    lines = ["  ".join(col.ljust(widths[col]) for col in columns)]
+    lines.append("  ".join("-" * widths[col] for col in columns))
+    lines += ["  ".join(r[col].ljust(widths[col]) for col in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def _markdown_table(rows: list[dict[str, str]]) -> str:
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _wilcoxon_note(analysis: StudyAnalysis) -> str:
+    c = analysis.comparisons[0]
+    level = analysis.alpha / len(analysis.metrics)
+    note = (
+        f"Wilcoxon signed-rank p-values use: "
+        f"{', '.join(sorted({x.wilcoxon.method for x in analysis.comparisons}))}. "
+        f"With {c.wilcoxon.n} pairs the exact two-sided p cannot go below 2/2^{c.wilcoxon.n} = "
+        f"{_num(2 / 2**c.wilcoxon.n)}"
+    )
+    if 2 / 2**c.wilcoxon.n >= level:
+        note += f", so it cannot reach the Bonferroni level {_num(level)} whatever the data."
+    else:
+        note += "."
+    return note
+
+
+def _verdict(analysis: StudyAnalysis) -> str:
+    primary = analysis.comparison(analysis.primary_metric)
+    if primary.significant:
+        return (
+            f"**{primary.winner}** wins on {primary.metric} (mean difference "
+            f"{primary.ttest.mean_diff:+.4f}, Bonferroni-adjusted p = {_num(primary.p_bonferroni)} "
+            f"< alpha = {analysis.alpha}). Tag `winner` = `{analysis.winner}`."
+        )
+    return (
+        f"No significant difference on the primary metric {primary.metric} "
+        f"(Bonferroni-adjusted p = {_num(primary.p_bonferroni)}, alpha = {analysis.alpha}); "
+        f"{primary.winner} has the higher mean. Tag `winner` = `{schema.NO_WINNER}`."
+    )
+
+
+def markdown_report(analysis: StudyAnalysis) -> str:
+    """report.md: the tables, the verdict, and plain words on what the tests see."""
+    first, second = analysis.archs
+    mc = analysis.mcnemar
+    level = f"{analysis.confidence:.2%}"
+    lines = [
+        f"# Analysis of study `{analysis.study_run_id}`",
+        "",
+        f"- Backbones: **{first}** vs **{second}**; differences are {first} minus {second}.",
+        f"- Seeds paired: {len(analysis.seeds)} ({', '.join(map(str, analysis.seeds))}); "
+        f"test images: {analysis.n_images} (one test set shared by every run).",
+        f"- Metrics: {', '.join(analysis.metrics)} (primary: {analysis.primary_metric}); "
+        f"alpha = {analysis.alpha}, Bonferroni over {len(analysis.metrics)} metrics, "
+        f"so every interval is a {level} interval.",
+        "",
+        "## Verdict",
+        "",
+        _verdict(analysis),
+        "",
+        "## Results",
+        "",
+        _markdown_table(summary_rows(analysis)),
+        "",
+        "Seed level (the paper's protocol): mean, SD and t interval per backbone, paired t-test "
+        "(two-sided), Bonferroni-adjusted p (capped at 1), Wilcoxon signed-rank, Cohen's "
+        "d_z = mean(diff) / SD(diff). `sig.` is Bonferroni p < alpha.",
+        "",
+        _wilcoxon_note(analysis),
+        "",
+        "## Test-image level",
+        "",
+        "All seeds share one test set, so the seed-level tests see only training noise (seed, "
+        "validation split, batch order), not the chance of which images landed in the test set. "
+        f"The paired bootstrap resamples the {analysis.n_images} test images with replacement "
+        f"({analysis.n_resamples} resamples, seed {analysis.bootstrap_seed}), recomputes every "
+        "run's metric on each resample from its per-image predictions, averages over seeds per "
+        "backbone and takes the difference (percentile interval; two-sided p with the +1 "
+        "correction).",
+        "",
+        f"Exact McNemar on accuracy: per-image correctness of each backbone is that of its seed "
+        f"ensemble (argmax of the mean probability over seeds). {first} right and {second} wrong: "
+        f"b = {mc.b}; {first} wrong and {second} right: c = {mc.c}; exact binomial p = {_num(mc.p)} "
+        f"(ensemble accuracy {mc.first_correct}/{mc.n} vs {mc.second_correct}/{mc.n}).",
+        "",
+        "## Do the two kinds of test agree?",
+        "",
+    ]
+    disagreements = analysis.disagreements()
+    if disagreements:
+        lines += [f"- {text}" for text in disagreements]
+    else:
+        lines.append(
+            "Yes: for every metric the seed-level t-test (after Bonferroni) and the test-image-level "
+            "tests (bootstrap, and McNemar for accuracy, after Bonferroni) reach the same verdict."
+        )
+    per_class = analysis.per_class_frame()
+    if not per_class.empty:
+        lines += ["", "## Per class", ""]
+        rows = [
+            {
+                "metric": r["metric"],
+                "class": r["class"],
+                "backbone": r["arch"],
+                f"mean [{level} CI]": _mean_ci(r["mean"], r["ci_low"], r["ci_high"]),
+            }
+            for r in per_class.to_dict(orient="records")
+        ]
+        lines.append(_markdown_table(rows))
+    if analysis.warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in analysis.warnings]
+    lines += ["", "## Runs", ""]
+    for arch, ids in analysis.run_ids.items():
+        lines.append(f"- {arch}: " + ", ".join(f"seed {s}: `{i}`" for s, i in zip(analysis.seeds, ids)))
+    return "\n".join(lines) + "\n"
+
+
+def _bar_group(ax, labels: list[str], comparisons_or_values, archs: tuple[str, str]) -> np.ndarray:
+    """Grouped bars with asymmetric CI error bars; returns the top of each group."""
+    x = np.arange(len(labels))
+    width = 0.38
+    tops = np.zeros(len(labels))
+    for offset, arch, colour, summaries in zip((-width / 2, width / 2), archs, BAR_COLOURS, comparisons_or_values):
+        means = np.array([s.mean for s in summaries])
+        low = np.array([s.mean - s.ci_low for s in summaries])
+        high = np.array([s.ci_high - s.mean for s in summaries])
+        ax.bar(x + offset, means, width, yerr=[low, high], capsize=4, label=arch, color=colour)
+        tops = np.maximum(tops, means + high)
+    ax.set_xticks(x, labels)
+    return tops
+
+
+def plot_figure2(analysis: StudyAnalysis, path: Path) -> Path:
+    """Bars per metric and backbone, CI error bars, `*` / `ns` marks: the paper's Figure 2."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    comparisons: tuple[MetricComparison, ...] = analysis.comparisons
+    fig, ax = plt.subplots(figsize=(2.2 + 1.8 * len(comparisons), 4.5))
+    tops = _bar_group(
+        ax,
+        [c.metric for c in comparisons],
+        ([c.first_summary for c in comparisons], [c.second_summary for c in comparisons]),
+        analysis.archs,
+    )
+    for index, (c, top) in enumerate(zip(comparisons, tops)):
+        ax.text(index, top + 0.02, "*" if c.significant else "ns", ha="center", va="bottom", fontsize=12)
+    ax.set_ylim(0, min(1.15, max(1.0, float(tops.max()) + 0.1)))
+    ax.set_ylabel("test score (mean over seeds)")
+    ax.set_title(
+        f"{analysis.first} vs {analysis.second}: {analysis.n_pairs} seeds, "
+        f"{analysis.confidence:.2%} CI; * Bonferroni p < {analysis.alpha}"
+    )
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_per_class(analysis: StudyAnalysis, path: Path) -> Path:
+    """Per-class precision, recall and F1 per backbone with CI error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = analysis.per_class_frame()
+    metrics = list(dict.fromkeys(frame["metric"])) if not frame.empty else []
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(4.5 * max(1, len(metrics)), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        rows = [p for p in analysis.per_class if p.metric == metric]
+        classes = list(dict.fromkeys(p.cls for p in rows))
+        by_arch = tuple([p.summary for p in rows if p.arch == arch] for arch in analysis.archs)
+        _bar_group(ax, classes, by_arch, analysis.archs)
+        ax.set_ylim(0, 1.1)
+        ax.set_title(f"test {metric} per class")
+    if not metrics:
+        axes[0][0].text(0.5, 0.5, "no per-class metrics logged", ha="center", va="center")
+    axes[0][0].legend(loc="lower right")
+    fig.suptitle(f"{analysis.first} vs {analysis.second}, mean over {analysis.n_pairs} seeds, {analysis.confidence:.2%} CI")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_artifacts(analysis: StudyAnalysis, folder: Path) -> list[Path]:
+    """results.csv, results.json, report.md, figure2.png, per_class.png into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / name for name in schema.ANALYSIS_ARTIFACTS]
+    csv, js, md, fig2, per_class = paths
+    analysis.to_frame().to_csv(csv, index=False)
+    js.write_text(json.dumps(analysis.to_dict(), indent=2, allow_nan=False) + "\n")
+    md.write_text(markdown_report(analysis))
+    plot_figure2(analysis, fig2)
+    plot_per_class(analysis, per_class)
+    return paths
