@@ -1,0 +1,87 @@
+"""Every registered backbone builds, is frozen, and yields features of its declared width."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ecg_mlflow.backbones import (
+    BACKBONES,
+    BACKBONE_SEED,
+    BackboneError,
+    build_feature_extractor,
+    get_spec,
+    scaling_matrix,
+    weights_identity,
+)
+
+SMALL = (80, 96)  # above every backbone's minimum (InceptionV3 needs 75)
+
+
+@pytest.fixture(scope="module")
+def pixels() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (2, *SMALL, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("arch", sorted(BACKBONES))
+def test_every_backbone_builds_frozen_and_yields_declared_features(arch, pixels):
+    model = build_feature_extractor(arch, "none", *SMALL)
+    features = np.asarray(model(pixels, training=False))
+    assert features.shape == (2, get_spec(arch).feature_dim)
+    assert np.isfinite(features).all()
+    assert model.trainable_weights == []
+    # Different images give different features: the backbone is not a constant.
+    assert not np.allclose(features[0], features[1], rtol=1e-3, atol=0)
+
+
+def test_random_backbone_is_the_same_for_every_build_and_size():
+    first = build_feature_extractor("resnet50", "none", 64, 64)
+    second = build_feature_extractor("resnet50", "none", 96, 128)
+    for a, b in zip(first.get_weights(), second.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert weights_identity("none") == f"random-seed{BACKBONE_SEED}"
+
+
+def test_caffe_scaling_matches_keras_preprocess_input():
+    from keras.applications.resnet50 import preprocess_input
+
+    image = np.random.default_rng(1).uniform(0, 255, (1, 4, 5, 3)).astype(np.float32)
+    kernel, bias = scaling_matrix("caffe")
+    ours = image @ kernel + bias
+    np.testing.assert_allclose(ours, preprocess_input(image.copy()), atol=1e-4)
+
+
+def test_torch_and_tf_scaling_match_keras(pixels):
+    from keras.applications import densenet, inception_v3
+
+    image = pixels[:1, :4, :4]
+    for scaling, reference in (("torch", densenet.preprocess_input), ("tf", inception_v3.preprocess_input)):
+        kernel, bias = scaling_matrix(scaling)
+        np.testing.assert_allclose(image @ kernel + bias, reference(image.copy()), atol=1e-4)
+
+
+def test_weights_file_round_trip_and_mismatch(tmp_path, pixels):
+    model = build_feature_extractor("vgg16", "none", *SMALL)
+    backbone = model.get_layer("vgg16")
+    path = tmp_path / "vgg16.weights.h5"
+    backbone.save_weights(str(path))
+    loaded = build_feature_extractor("vgg16", str(path), *SMALL)
+    np.testing.assert_allclose(loaded(pixels), model(pixels), atol=1e-5)
+    assert weights_identity(str(path)).startswith("file-")
+    with pytest.raises(BackboneError, match="does not fit resnet50"):
+        build_feature_extractor("resnet50", str(path), *SMALL)
+
+
+def test_imagenet_download_failure_names_the_alternatives():
+    # No machine here reaches the internet; the real download path must fail clearly.
+    with pytest.raises(BackboneError) as info:
+        build_feature_extractor("vgg16", "imagenet", *SMALL)
+    message = str(info.value)
+    assert "weights=none" in message and "weights=/path/to/file" in message
+
+
+def test_unknown_backbone_and_too_small_image_are_refused():
+    with pytest.raises(BackboneError, match="unknown backbone 'resnet51'.*resnet50"):
+        get_spec("resnet51")
+    with pytest.raises(BackboneError, match="inceptionv3 needs images of at least 75x75"):
+        build_feature_extractor("inceptionv3", "none", 64, 64)
