@@ -22,3 +22,7 @@ from ecg_mlflow.commands.synth import synth  # noqa: E402
 main.add_command(synth)
 from analysis.cli import analyze  # noqa: E402
 main.add_command(analyze)
+from ecg_mlflow.commands.train import train  # noqa: E402
+main.add_command(train)
+from ecg_mlflow.commands.data import data  # noqa: E402
+main.add_command(data)
