@@ -162,7 +162,7 @@ def _draw_text(draw: ImageDraw.ImageDraw, geo: _PageGeometry, dx: int, dy: int, 
     draw.text((left, 0.097 * h + dy), "Diagnosis Information:", font=body, fill=INK)
     for i, label in enumerate(("Technician :", "Ref-Phys. :", "Report Confirmed by:")):
         draw.text((0.703 * w + dx, (0.118 + 0.021 * i) * h + dy), label, font=body, fill=INK)
-    footer_y = 0.976 * h + dy
+    footer_y = 0.983 * h + dy
     draw.text((left, footer_y), settings, font=body, fill=INK, anchor="lm")
     draw.text((0.81 * w + dx, footer_y), date, font=body, fill=INK, anchor="lm")
 
