@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ecg_mlflow import names
-from ecg_mlflow.config import ConfigError, TrainConfig, apply_head_config
-from ecg_mlflow.dataset import Manifest, build_manifest
+from ecg_mlflow.config import HEAD_FIELDS, ConfigError, TrainConfig, apply_head_config
+from ecg_mlflow.dataset import ImageRecord, Manifest, build_manifest
 from ecg_mlflow.features import CacheStats, FeatureKey, default_cache_dir, extract_features
 from ecg_mlflow.splits import Leakage, Split, make_split, measure_leakage
 
@@ -61,6 +61,8 @@ def train_and_log(
     if run is None:
         raise RuntimeError("train_and_log needs an active MLflow run")
     config = apply_head_config(config)
+    if config.head_config:  # the effective head, since `mlflow run` already logged the defaults
+        mlflow.log_dict({k: getattr(config, k) for k in HEAD_FIELDS}, "head.json")
     manifest = manifest if manifest is not None else load_dataset(config.data, progress=progress)
     split = make_split(manifest, config.split, config.seed)
     leakage = measure_leakage(manifest, split)
@@ -68,33 +70,22 @@ def train_and_log(
     mlflow.set_tag(names.TAG_ROLE, names.ROLE_TRAIN)
     _log_dataset(manifest, config.data)
 
-    records = {r.relpath: r for r in manifest.records}
-    paths_by_sha: dict[str, Path] = {}
-    for record in manifest.records:
-        paths_by_sha.setdefault(record.sha256, manifest.path_of(record))
-    key = FeatureKey(config.arch, config.weights, config.image_height, config.image_width, config.crop)
-    cache_dir = config.cache_dir or default_cache_dir()
-    _say(progress, f"{run_name(config)}: features for {len(paths_by_sha)} unique images of {len(records)} files")
-    features, cache = extract_features(paths_by_sha, key, cache_dir, progress=progress)
-    _say(progress, f"{run_name(config)}: cache hits {cache.hits}, backbone passes {cache.misses}")
+    data = prepare_features(config, manifest, split, progress=progress)
+    cache = data.cache
 
-    def matrix(relpaths):
-        return np.stack([features[records[p].sha256] for p in relpaths])
+    from ecg_mlflow.head import train_head
 
-    from ecg_mlflow.head import one_hot, train_head
-
-    labels = {subset: [records[p].label for p in getattr(split, subset)] for subset in ("train", "val", "test")}
     start = time.perf_counter()
     head, history = train_head(
-        matrix(split.train), one_hot(labels["train"]),
-        matrix(split.val), one_hot(labels["val"]),
-        config.head_config_obj(), config.seed,
+        *data.xy("train"), *data.xy("val"), config.head_config_obj(), config.seed,
         on_epoch_end=lambda epoch, logs: mlflow.log_metrics(
             {k: float(logs[k]) for k in names.EPOCH_METRICS if k in logs}, step=epoch
         ),
     )
     time_head = time.perf_counter() - start
-    probabilities = {s: np.asarray(head.predict(matrix(getattr(split, s)), verbose=0)) for s in ("val", "test")}
+    probabilities = {s: np.asarray(head.predict(data.x(s), verbose=0)) for s in ("val", "test")}
+    labels = {s: data.labels(s) for s in ("val", "test")}
+    records = data.records
 
     from ecg_mlflow.evaluation import evaluate
 
@@ -117,10 +108,53 @@ def train_and_log(
     if config.log_model:
         test_sample = list(split.test[:EQUALITY_SAMPLES])
         max_diff = _log_full_model(config, head, [manifest.path_of(records[p]) for p in test_sample],
-                                   matrix(test_sample), progress)
+                                   data.features_of(test_sample), progress)
     _say(progress, f"{run_name(config)}: test accuracy {metrics['test_accuracy']:.3f}, "
                    f"macro F1 {metrics['test_f1_macro']:.3f} (run {run.info.run_id})")
     return TrainResult(run.info.run_id, metrics, split, leakage, cache, max_diff)
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A split with the cached backbone features of every image, ready for heads."""
+
+    manifest: Manifest
+    split: Split
+    records: dict[str, ImageRecord]
+    features: dict[str, np.ndarray]  # by sha256
+    cache: CacheStats
+
+    def features_of(self, relpaths) -> np.ndarray:
+        return np.stack([self.features[self.records[p].sha256] for p in relpaths])
+
+    def labels(self, subset: str) -> list[str]:
+        return [self.records[p].label for p in getattr(self.split, subset)]
+
+    def x(self, subset: str) -> np.ndarray:
+        return self.features_of(getattr(self.split, subset))
+
+    def xy(self, subset: str) -> tuple[np.ndarray, np.ndarray]:
+        """Features and one-hot labels of `train`, `val` or `test`."""
+        from ecg_mlflow.head import one_hot
+
+        return self.x(subset), one_hot(self.labels(subset))
+
+
+def prepare_features(
+    config: TrainConfig, manifest: Manifest, split: Split, *, progress: bool = True
+) -> PreparedData:
+    """Backbone features of every unique image of the manifest, through the cache."""
+    records = {r.relpath: r for r in manifest.records}
+    paths_by_sha: dict[str, Path] = {}
+    for record in manifest.records:
+        paths_by_sha.setdefault(record.sha256, manifest.path_of(record))
+    key = FeatureKey(config.arch, config.weights, config.image_height, config.image_width, config.crop)
+    _say(progress, f"{run_name(config)}: features for {len(paths_by_sha)} unique images of {len(records)} files")
+    features, cache = extract_features(
+        paths_by_sha, key, config.cache_dir or default_cache_dir(), progress=progress
+    )
+    _say(progress, f"{run_name(config)}: cache hits {cache.hits}, backbone passes {cache.misses}")
+    return PreparedData(manifest, split, records, features, cache)
 
 
 def _say(progress: bool, message: str) -> None:

@@ -9,6 +9,7 @@ import click
 from ecg_mlflow.commands.options import parse_or_exit, stop_on_sigterm, train_options
 from ecg_mlflow.commands.tracking import EXPERIMENT_HELP, tracked_run
 from ecg_mlflow.config import ConfigError
+from ecg_mlflow.dataset import DatasetError
 from ecg_mlflow import names
 
 
@@ -21,12 +22,13 @@ def train(experiment: str, **raw: str) -> None:
     """Train the head on cached frozen-backbone features and log the run to MLflow."""
     config = parse_or_exit(**raw)
     stop_on_sigterm()
-    from ecg_mlflow.train import run_name, train_and_log
+    from ecg_mlflow.train import load_dataset, run_name, train_and_log
 
     try:
+        manifest = load_dataset(config.data)  # bad data fails before a run is opened
         with tracked_run(experiment, run_name(config), {names.TAG_ROLE: names.ROLE_TRAIN}):
-            train_and_log(config)
-    except ConfigError as exc:
+            train_and_log(config, manifest=manifest)
+    except (ConfigError, DatasetError) as exc:
         raise click.BadParameter(str(exc)) from None
     except KeyboardInterrupt:
         click.echo("interrupted: the run is marked KILLED; the feature cache stays consistent", err=True)
