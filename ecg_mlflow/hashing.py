@@ -17,7 +17,7 @@ So the hash here is a dHash of an *ink map* of the trace grid:
 Measured on the real data (ecg-images, 491 unique reports, 120,295 pairs of distinct
 reports) the distance between two different reports is at least 85 (0.1 percentile 130,
 median 223). Between copies of one report: the 8 untouched 2213 x 1572 originals and their
-half-size quality-85 copies in ecg-images at most 56; a quality-50 re-encode at most 6. A
+half-size quality-85 copies in ecg-images at most 56; a quality-50 re-encode at most 7. A
 threshold of 64 separates the two: no pair of distinct real reports is near, every real
 re-encoded/resized copy is. Limitation, measured too: a copy rescaled by an odd factor with
 another resampler (0.9x bilinear) or decoded through a different path (PNG round trip) can
