@@ -36,6 +36,8 @@ def analyze(experiment: str, study: str, metrics: str, alpha: str, n_resamples: 
         level = parse_alpha(alpha)
     except ValueError as error:
         raise click.BadParameter(str(error)) from error
+    # one progress bar per downloaded predictions file would bury the table
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     resamples = _parse_int(n_resamples, "--n-resamples", minimum=100)
     seed = _parse_int(bootstrap_seed, "--bootstrap-seed", minimum=0)
 

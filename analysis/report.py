@@ -218,7 +218,7 @@ def plot_figure2(analysis: StudyAnalysis, path: Path) -> Path:
         f"{analysis.first} vs {analysis.second}: {analysis.n_pairs} seeds, "
         f"{analysis.confidence:.2%} CI; * Bonferroni p < {analysis.alpha}"
     )
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -240,12 +240,12 @@ def plot_per_class(analysis: StudyAnalysis, path: Path) -> Path:
         classes = list(dict.fromkeys(p.cls for p in rows))
         by_arch = tuple([p.summary for p in rows if p.arch == arch] for arch in analysis.archs)
         _bar_group(ax, classes, by_arch, analysis.archs)
-        ax.set_ylim(0, 1.1)
+        ax.set_ylim(0, 1.15)
         ax.set_title(f"test {metric} per class")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
     if not metrics:
         axes[0][0].text(0.5, 0.5, "no per-class metrics logged", ha="center", va="center")
-    axes[0][0].legend(loc="lower right")
-    fig.suptitle(f"{analysis.first} vs {analysis.second}, mean over {analysis.n_pairs} seeds, {analysis.confidence:.2%} CI")
+    fig.suptitle(f"{analysis.first} vs {analysis.second}\nmean over {analysis.n_pairs} seeds, {analysis.confidence:.2%} CI")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -509,32 +509,40 @@ class MetricComparison(_Result):
     def p_mcnemar_bonferroni(self) -> float:
         return bonferroni(self.mcnemar.p, self.k) if self.mcnemar else math.nan
 
+    def image_level_tests(self) -> dict[str, tuple[float, bool]]:
+        """Test-image-level tests run for this metric: name -> (Bonferroni p, p < alpha)."""
+        tests: dict[str, tuple[float, bool]] = {}
+        if self.bootstrap:
+            tests["the bootstrap over test images"] = (self.p_bootstrap_bonferroni, self.p_bootstrap_bonferroni < self.alpha)
+        if self.mcnemar:
+            tests["McNemar on the seed ensembles"] = (self.p_mcnemar_bonferroni, self.p_mcnemar_bonferroni < self.alpha)
+        return tests
+
     @property
     def image_level_significant(self) -> bool | None:
-        """Bootstrap (and McNemar where present) after Bonferroni: None when neither ran."""
-        verdicts = []
-        if self.bootstrap:
-            verdicts.append(self.p_bootstrap_bonferroni < self.alpha)
-        if self.mcnemar:
-            verdicts.append(self.p_mcnemar_bonferroni < self.alpha)
-        return None if not verdicts else bool(any(verdicts))
+        """Any test-image-level test significant after Bonferroni; None when none ran."""
+        tests = self.image_level_tests()
+        return None if not tests else any(sig for _, sig in tests.values())
 
     def disagreement(self) -> str | None:
-        """A plain sentence when seed-level and image-level tests disagree, else None."""
-        image = self.image_level_significant
-        if image is None or image == self.significant:
+        """A plain sentence when a test-image-level test disagrees with the t-test, else None."""
+        tests = self.image_level_tests()
+        if all(sig == self.significant for _, sig in tests.values()):
             return None
-        tests = "the bootstrap over test images" + (" / McNemar" if self.mcnemar else "")
-        if self.significant:
-            return (
-                f"{self.metric}: the seed-level t-test calls the difference significant "
-                f"(Bonferroni p = {self.p_bonferroni:.4g}) but {tests} does not: the seeds agree "
-                f"with each other, yet the shared test set is too small to rule out chance."
-            )
+        verdict = "calls" if self.significant else "does not call"
+        parts = [
+            f"{name} {'does' if sig else 'does not'} (Bonferroni p = {p:.4g})" for name, (p, sig) in tests.items()
+        ]
+        why = (
+            "the seeds agree with each other, but the shared test set is too small to rule out "
+            "that the difference comes from which images happened to be drawn for testing"
+            if self.significant
+            else "with the trained models held fixed the difference is consistent across test "
+            f"images, but it varies too much from seed to seed ({self.ttest.n} pairs) for the t-test"
+        )
         return (
-            f"{self.metric}: {tests} calls the difference significant but the seed-level t-test "
-            f"does not (Bonferroni p = {self.p_bonferroni:.4g}): training noise between seeds "
-            f"is large compared with the difference on this test set."
+            f"{self.metric}: the seed-level t-test {verdict} the difference significant "
+            f"(Bonferroni p = {self.p_bonferroni:.4g}); " + "; ".join(parts) + f". Reading: {why}."
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -254,3 +254,20 @@ def test_compare_metric_uses_bonferroni_confidence_and_names_the_winner():
 def test_bad_input_raises_value_error_naming_the_problem(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_disagreement_between_seed_and_image_level_tests_is_said_in_plain_words():
+    # seeds disagree a lot (t-test not significant) while every image favours the first backbone
+    true = np.tile(np.arange(4), 10)
+    right, wrong = np.tile(true, (3, 1)), (np.tile(true, (3, 1)) + 1) % 4
+    boot = paired_bootstrap(true, right, wrong, ("accuracy",), n_resamples=999)["accuracy"]
+    result = compare_metric(
+        "accuracy", "a", "b", [0.9, 0.5, 0.95], [0.6, 0.7, 0.5], alpha=0.05, k=4, bootstrap=boot
+    )
+    assert not result.significant
+    assert result.image_level_significant
+    sentence = result.disagreement()
+    assert sentence.startswith("accuracy: the seed-level t-test does not call the difference significant")
+    assert "the bootstrap over test images does" in sentence
+    agreeing = compare_metric("accuracy", "a", "b", [0.9, 0.5, 0.95], [0.6, 0.7, 0.5], alpha=0.05, k=4)
+    assert agreeing.disagreement() is None
