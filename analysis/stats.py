@@ -364,8 +364,9 @@ def paired_bootstrap(
         Each resample draws n_images image indices with replacement, the SAME indices for
         every run of both backbones (that is the pairing); each run's metric is recomputed from
         its confusion counts on the resample, averaged over the runs of each backbone, and
-        differenced. Macro averages run over the classes that occur in the full test set's
-        true or predicted labels (scikit-learn's default label set on the observed data).
+        differenced. Macro averages run over all n_classes classes with 0 for an undefined
+        precision or recall, as training logs them (scikit-learn, labels=CLASSES,
+        zero_division=0), so the observed difference equals the logged metrics' difference.
         CI: percentiles (1-c)/2 and (1+c)/2 of the B differences. Two-sided p with the +1
         correction: p = min(1, 2 * min((1 + #{d* <= 0}) / (B + 1), (1 + #{d* >= 0}) / (B + 1))).
         Vectorised: per-image resample counts (B x n) times one-hot (true, predicted) codes
@@ -379,10 +380,9 @@ def paired_bootstrap(
     if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)) or n_resamples < 100:
         raise ValueError(f"n_resamples must be an integer >= 100, got {n_resamples!r}")
     truth, runs_first, runs_second = _validate_predictions(true, first, second, n_classes)
-    labels = np.unique(np.concatenate([truth, runs_first.ravel(), runs_second.ravel()]))
     weights = _resample_weights(truth.size, int(n_resamples), seed)
-    per_first = confusion_metrics(_weighted_confusions(truth, runs_first, weights, n_classes), labels)
-    per_second = confusion_metrics(_weighted_confusions(truth, runs_second, weights, n_classes), labels)
+    per_first = confusion_metrics(_weighted_confusions(truth, runs_first, weights, n_classes))
+    per_second = confusion_metrics(_weighted_confusions(truth, runs_second, weights, n_classes))
     tail = (1 - confidence) / 2
     results: dict[str, BootstrapTest] = {}
     for metric in metrics:

@@ -271,3 +271,17 @@ def test_disagreement_between_seed_and_image_level_tests_is_said_in_plain_words(
     assert "the bootstrap over test images does" in sentence
     agreeing = compare_metric("accuracy", "a", "b", [0.9, 0.5, 0.95], [0.6, 0.7, 0.5], alpha=0.05, k=4)
     assert agreeing.disagreement() is None
+
+
+def test_bootstrap_macro_averages_over_all_classes_like_training():
+    # class 3 never occurs in the test set: training (sklearn, labels=CLASSES, zero_division=0)
+    # still averages over 4 classes, so the bootstrap must as well
+    true = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    first = np.array([[0, 1, 2, 0, 1, 3, 0, 1]])
+    second = np.array([[0, 1, 1, 0, 2, 2, 0, 0]])
+    got = paired_bootstrap(true, first, second, ("f1_macro", "precision_macro"), n_resamples=100)
+    for metric, score in (("f1_macro", f1_score), ("precision_macro", precision_score)):
+        expected = score(true, first[0], average="macro", labels=range(4), zero_division=0) - score(
+            true, second[0], average="macro", labels=range(4), zero_division=0
+        )
+        assert got[metric].observed_diff == pytest.approx(expected, abs=1e-12)
