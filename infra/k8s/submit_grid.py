@@ -44,7 +44,7 @@ class GridCell:
 
     @property
     def run_name(self) -> str:
-        return f"{self.arch}-seed{self.seed}"
+        return f"{self.arch}-s{self.seed}"  # as ecg_mlflow.train.run_name names train runs
 
     def parameters(self, shared: dict[str, str]) -> dict[str, str]:
         return {**shared, "arch": self.arch, "seed": str(self.seed)}
