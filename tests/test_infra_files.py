@@ -411,3 +411,26 @@ def test_submission_without_the_kubernetes_client_fails_before_creating_runs(tmp
     assert result.returncode == 2
     assert result.stderr.startswith("submit_grid: the kubernetes backend needs the Python package(s)")
     assert not db.exists()
+
+
+# --- system packages -----------------------------------------------------------------------
+
+
+def test_install_system_deps_check_agrees_with_dpkg():
+    """`--check` installs nothing and reports exactly the packages dpkg lacks."""
+    script = INFRA / "install-system-deps"
+    if not Path("/usr/bin/dpkg-query").exists():
+        pytest.skip("not a Debian machine (no dpkg-query)")
+    packages = ("postgresql-15", "postgresql-client-15", "chromium", "chromium-driver")
+    assert all(p in script.read_text() for p in packages)
+    missing = [
+        p for p in packages
+        if subprocess.run(["dpkg-query", "-W", "-f=${Status}", p], capture_output=True, text=True).stdout
+        != "install ok installed"
+    ]
+    result = subprocess.run([str(script), "--check"], capture_output=True, text=True, timeout=60)
+    if missing:
+        assert result.returncode == 1
+        assert result.stdout.strip() == f"system deps missing: {' '.join(missing)}"
+    else:
+        assert result.returncode == 0 and "all present" in result.stdout
