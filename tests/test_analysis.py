@@ -87,7 +87,9 @@ class StudyBuilder:
         self.client = MlflowClient()
         self.tmp = tmp_path
         found = self.client.get_experiment_by_name(EXPERIMENT)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(EXPERIMENT)
+        # an explicit artifact location: the default (./mlruns) would land in the working directory
+        location = (tmp_path / "artifacts").as_uri()
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(EXPERIMENT, location)
         self.clock = 1_700_000_000_000
 
     def tick(self) -> int:
@@ -346,3 +348,29 @@ def test_metrics_subset_changes_the_bonferroni_family(tracking_uri, tmp_path):
     assert analysis.comparison("f1_macro").mcnemar is None
     assert analysis.comparison("accuracy").mcnemar is not None
     assert not math.isnan(analysis.comparison("accuracy").p_mcnemar_bonferroni)
+
+
+@pytest.mark.slow
+def test_mlflow_run_analyze_entry_point_logs_into_the_project_run(tracking_uri, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    builder = StudyBuilder(tmp_path)
+    study_id = builder.full_study()
+    project_root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(project_root), "-e", "analyze", "--env-manager", "local",
+         "--experiment-name", EXPERIMENT, "-P", f"experiment={EXPERIMENT}", "-P", f"study={study_id}",
+         "-P", "metrics=accuracy,f1_macro"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (run,) = _analysis_runs(builder.client)
+    assert run.data.tags.get("mlflow.project.entryPoint") == "analyze"  # the project run, not a second one
+    assert run.info.status == "FINISHED"
+    assert run.data.params[schema.PARAM_METRICS] == "accuracy,f1_macro"
+    assert set(run.data.metrics) >= {"accuracy_p_ttest", "f1_macro_p_bootstrap", "accuracy_p_mcnemar"}
+    assert "precision_macro_p_ttest" not in run.data.metrics
