@@ -26,3 +26,5 @@ from ecg_mlflow.commands.train import train  # noqa: E402
 main.add_command(train)
 from ecg_mlflow.commands.data import data  # noqa: E402
 main.add_command(data)
+from ecg_mlflow.commands.tune import tune  # noqa: E402
+main.add_command(tune)
