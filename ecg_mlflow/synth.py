@@ -104,9 +104,9 @@ def _grid_page(width: int, height: int) -> np.ndarray:
     page = np.empty((height + 2 * m, width + 2 * m, 3), dtype=np.uint8)
     page[:] = PAGE_COLOUR
     x0, y0, x1, y1 = (v + m for v in geo.box)
-    line = max(1, round(geo.mm_x / 5))
-    for step_mm, colour, min_px in ((1, MINOR_COLOUR, 3.0), (5, MAJOR_COLOUR, 0.0)):
-        if geo.mm_x * step_mm < min_px:
+    major = max(1, round(geo.mm_x / 4))
+    for step_mm, colour, line in ((1, MINOR_COLOUR, 1), (5, MAJOR_COLOUR, major)):
+        if geo.mm_x * step_mm < 3.0:
             continue  # minor lines closer than 3 px would just tint the page
         for x in np.arange(x0, x1 + 1, geo.mm_x * step_mm):
             page[y0 : y1 + 1, int(round(x)) : int(round(x)) + line] = colour
@@ -147,7 +147,9 @@ def _header_lines(rng: np.random.Generator, record: EcgRecord) -> tuple[list[str
     return header, settings, date
 
 
-def _draw_text(draw: ImageDraw.ImageDraw, geo: _PageGeometry, dx: int, dy: int, rng, record) -> None:
+def _draw_text(
+    draw: ImageDraw.ImageDraw, geo: _PageGeometry, dx: int, dy: int, rng: np.random.Generator, record: EcgRecord
+) -> None:
     """Title, patient lines, double rule and signature block above the grid; footer below."""
     w, h = geo.width, geo.height
     body, title = _font(round(0.0165 * h)), _font(round(0.026 * h))

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from click.testing import CliRunner
 from PIL import Image
 
+from conftest import PROJECT_ROOT
 from ecg_mlflow.beats import (
     LEAD_INDEX,
     LEADS,
@@ -393,15 +396,22 @@ def test_cli_bad_parameter_is_one_line_naming_it(tmp_path, option, value, messag
     assert not (tmp_path / "o").exists()
 
 
-def test_mlproject_command_line_runs_as_a_module(tmp_path):
-    """The MLproject passes every parameter as a string to `python -m ecg_mlflow synth`."""
+def test_mlproject_synth_entry_point_command_runs(tmp_path):
+    """The MLproject's own `synth` command line, parameters substituted as strings as MLflow does."""
+    entry = yaml.safe_load((PROJECT_ROOT / "MLproject").read_text())["entry_points"]["synth"]
     out = tmp_path / "mlproject"
-    command = [sys.executable, "-m", "ecg_mlflow", "synth", "--out", str(out), "--per-class", "1",
-               "--seed", "0", "--width", "442", "--height", "314", "--duplicates", "0.0"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    params = {"out": str(out), "per_class": "1", "seed": "0", "width": "442", "height": "314", "duplicates": "0.0"}
+    assert set(params) == set(entry["parameters"])
+    command = shlex.split(entry["command"].format(**{k: shlex.quote(v) for k, v in params.items()}))
+    assert command[:3] == ["python", "-m", "ecg_mlflow"]
+    command[0] = sys.executable
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
     assert done.returncode == 0, done.stderr
     assert "wrote 4 synthetic ECG reports" in done.stdout
-    refused = subprocess.run(command[:-1] + ["2"], capture_output=True, text=True, timeout=120)
+    assert len(list(out.rglob("*.jpg"))) == 4
+    params["duplicates"] = "2"
+    bad = shlex.split(entry["command"].format(**{k: shlex.quote(v) for k, v in params.items()}))
+    refused = subprocess.run([sys.executable, *bad[1:]], capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
     assert refused.returncode != 0
     assert refused.stderr.strip() == "Error: --duplicates must be a fraction from 0 to below 1, got '2'"
 

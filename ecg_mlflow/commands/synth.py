@@ -29,7 +29,7 @@ def _parse_fraction(option: str, value: str) -> float:
 
 
 @click.command("synth")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
+@click.option("--out", required=True,
               help="Directory to write; must be new, empty, or a previous synth output (replaced).")
 @click.option("--per-class", "per_class", default="25", show_default=True,
               help="Files per class, copies included.")
