@@ -23,30 +23,54 @@ def analyze(experiment: str, study: str, metrics: str, alpha: str, n_resamples: 
 
     Inside `mlflow run` (MLFLOW_RUN_ID set) it logs into that run instead of a new one.
     """
-    import warnings
-
-    import mlflow
-
-    from analysis.gather import AnalysisWarning
-    from analysis.report import terminal_table
-    from analysis.run import analyze_study, log_analysis, parse_alpha, parse_metrics
+    from analysis.run import parse_alpha, parse_metrics
 
     try:
         chosen = parse_metrics(metrics)
         level = parse_alpha(alpha)
     except ValueError as error:
         raise click.BadParameter(str(error)) from error
-    # one progress bar per downloaded predictions file would bury the table
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     resamples = _parse_int(n_resamples, "--n-resamples", minimum=100)
     seed = _parse_int(bootstrap_seed, "--bootstrap-seed", minimum=0)
+    # Inside `mlflow run` the project's run is the analysis run; otherwise a new child
+    # run of the study.
+    analyze_and_report(
+        experiment, study, chosen, level, resamples, seed,
+        into_active_run=bool(os.environ.get("MLFLOW_RUN_ID")),
+    )
 
+
+def analyze_and_report(
+    experiment: str,
+    study: str,
+    metrics,
+    alpha: float,
+    n_resamples: int = 2000,
+    bootstrap_seed: int = 0,
+    *,
+    into_active_run: bool = False,
+):
+    """Analyse a study, log the analysis run and print the table; returns the analysis.
+
+    `into_active_run` logs into the run MLflow considers active (MLFLOW_RUN_ID);
+    otherwise a new run is opened as a child of the study run.
+    """
+    import warnings
+
+    import mlflow
+
+    from analysis.gather import AnalysisWarning
+    from analysis.report import terminal_table
+    from analysis.run import analyze_study, log_analysis
+
+    # one progress bar per downloaded predictions file would bury the table
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", AnalysisWarning)
         try:
             result = analyze_study(
-                experiment=experiment, study=study, metrics=chosen, alpha=level,
-                n_resamples=resamples, bootstrap_seed=seed,
+                experiment=experiment, study=study, metrics=metrics, alpha=alpha,
+                n_resamples=n_resamples, bootstrap_seed=bootstrap_seed,
             )
         except ValueError as error:
             raise click.ClickException(str(error)) from error
@@ -54,11 +78,11 @@ def analyze(experiment: str, study: str, metrics: str, alpha: str, n_resamples: 
         if issubclass(warning.category, AnalysisWarning):
             click.echo(f"warning: {warning.message}", err=True)
 
-    inside_project_run = bool(os.environ.get("MLFLOW_RUN_ID"))
-    start = {} if inside_project_run else {
+    start = {} if into_active_run else {
         "experiment_id": result.experiment_id,
         "run_name": f"analysis-{result.study_run_id[:8]}",
         "tags": {"mlflow.parentRunId": result.study_run_id},
+        "nested": mlflow.active_run() is not None,
     }
     with mlflow.start_run(**start) as run:
         log_analysis(result, run.info.run_id, study=study, experiment=experiment)
@@ -70,6 +94,7 @@ def analyze(experiment: str, study: str, metrics: str, alpha: str, n_resamples: 
         click.echo(f"note: {sentence}")
     click.echo(f"winner: {result.winner} (primary metric {result.primary_metric}, significant={str(result.significant).lower()})")
     click.echo(f"analysis run: {run.info.run_id}")
+    return result
 
 
 def _parse_int(text: str, option: str, minimum: int) -> int:

@@ -28,3 +28,9 @@ from ecg_mlflow.commands.data import data  # noqa: E402
 main.add_command(data)
 from ecg_mlflow.commands.tune import tune  # noqa: E402
 main.add_command(tune)
+from ecg_mlflow.commands.study import study  # noqa: E402
+main.add_command(study)
+from ecg_mlflow.commands.promote import promote  # noqa: E402
+main.add_command(promote)
+from ecg_mlflow.commands.predict import predict  # noqa: E402
+main.add_command(predict)

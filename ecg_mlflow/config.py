@@ -171,8 +171,9 @@ def parse_train_config(**raw) -> TrainConfig:
         parsed["dropout"] = _float("dropout", values["dropout"], 0.0, 1.0, low_open=False)
     if "cache_dir" in values:
         parsed["cache_dir"] = str(values["cache_dir"])
-    if "head_config" in values:
-        parsed["head_config"] = str(values["head_config"]).strip()
+    if "head_config" in values:  # "none" spells "no head config" where empty values cannot travel
+        value = str(values["head_config"]).strip()
+        parsed["head_config"] = "" if value.lower() == "none" else value
     if "log_model" in values:
         parsed["log_model"] = _bool("log_model", values["log_model"])
     config = TrainConfig(**parsed)

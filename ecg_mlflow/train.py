@@ -101,7 +101,9 @@ def train_and_log(
         "cache_hits": cache.hits,
         "cache_misses": cache.misses,
     })
-    mlflow.log_metrics(metrics)
+    # At the last epoch's step: `val_loss`/`val_accuracy` are both per-epoch curves and
+    # final metrics, and MLflow shows the value of the highest step, the restored best model.
+    mlflow.log_metrics(metrics, step=history.stopped_epoch)
     _log_artifacts(config, manifest, split, records, labels["test"], probabilities["test"], history)
 
     max_diff = None

@@ -32,12 +32,16 @@ def real_originals() -> Path:
 
 @pytest.fixture()
 def tracking_uri(tmp_path, monkeypatch) -> str:
-    """A fresh SQLite tracking store and artifact folder for one test, set as the default."""
+    """A fresh SQLite tracking store for one test, set as the default. The test runs in
+    tmp_path, so the store's default artifact root (./mlruns) lies there too."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
+    monkeypatch.chdir(tmp_path)
     import mlflow
 
     mlflow.set_tracking_uri(uri)
     yield uri
     mlflow.set_tracking_uri(None)
+
+
+from infra_fixtures import team_server  # noqa: E402,F401  (PostgreSQL + S3 + MLflow server, session-wide)

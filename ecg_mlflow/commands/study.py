@@ -1,0 +1,69 @@
+"""`ecg-mlflow study` (MLproject `study`): the arch x seed grid, then its analysis."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ecg_mlflow import names
+from ecg_mlflow.commands.options import parse_or_exit, stop_on_sigterm, train_options
+from ecg_mlflow.commands.tracking import EXPERIMENT_HELP, tracked_run
+from ecg_mlflow.config import ConfigError
+from ecg_mlflow.dataset import DatasetError
+
+
+@click.command()
+@click.option("--archs", default="resnet50,efficientnetv2s", show_default=True,
+              help="backbones to compare, comma-separated; differences are first minus second")
+@click.option("--seeds", default="1-10", show_default=True, help="seeds: 1-10, 1,2,5 or 1-3,7")
+@train_options
+@click.option("--analyze", "analyze", default="true", show_default=True,
+              help="run the analysis when every pair has finished (true|false)")
+@click.option("--experiment", default=names.DEFAULT_EXPERIMENT, help=EXPERIMENT_HELP)
+def study(archs: str, seeds: str, analyze: str, experiment: str, **raw: str) -> None:
+    """Train every (arch, seed) pair as child runs of one study run; resumable."""
+    from ecg_mlflow.study import parse_archs, parse_seeds
+    from ecg_mlflow.config import _bool
+
+    try:
+        arch_list, seed_list = parse_archs(archs), parse_seeds(seeds)
+        then_analyze = _bool("analyze", analyze)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+    base = parse_or_exit(arch=arch_list[0], seed="0", **raw)
+    stop_on_sigterm()
+    import mlflow
+
+    from ecg_mlflow.study import run_study
+    from ecg_mlflow.train import load_dataset
+
+    try:
+        manifest = load_dataset(base.data)
+        name = f"study-{'-vs-'.join(arch_list)}"
+        with tracked_run(experiment, name, {names.TAG_ROLE: names.ROLE_STUDY}) as parent:
+            outcome = run_study(arch_list, seed_list, base, manifest)
+            click.echo(f"study {parent.info.run_id}: trained {len(outcome.trained)}, "
+                       f"reused {len(outcome.adopted)}, failed {len(outcome.failed)}")
+            if outcome.failed:
+                for arch, seed, error in outcome.failed:
+                    click.echo(f"  {arch}-s{seed} failed: {error}", err=True)
+                raise click.ClickException(
+                    f"{len(outcome.failed)} run(s) failed; rerun the same study to retry only those"
+                )
+            if then_analyze and len(arch_list) == 2:
+                from analysis.cli import analyze_and_report
+                from analysis.run import parse_metrics
+
+                experiment_name = mlflow.get_experiment(parent.info.experiment_id).name
+                analyze_and_report(
+                    experiment_name, parent.info.run_id,
+                    parse_metrics("accuracy,precision_macro,recall_macro,f1_macro"), 0.05,
+                )
+            elif then_analyze:
+                click.echo("analysis skipped: it compares exactly two backbones")
+    except (ConfigError, DatasetError) as exc:
+        raise click.BadParameter(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted: unfinished runs are marked KILLED; rerun the study to resume", err=True)
+        sys.exit(130)

@@ -1,0 +1,153 @@
+"""The study: the grid as child runs, resumable, analysed from what MLflow tracked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from scipy import stats
+
+from ecg_mlflow import names
+from ecg_mlflow.cli import main
+from ecg_mlflow.config import ConfigError
+from ecg_mlflow.study import parse_archs, parse_seeds
+from ecg_mlflow.synth import write_synthetic_dataset
+
+from conftest import PROJECT_ROOT
+
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def demo_set(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("study-demo") / "demo"
+    write_synthetic_dataset(out, per_class=8, seed=1, width=442, height=314, duplicates=0.25)
+    return out
+
+
+def _children(parent_id: str):
+    return mlflow.search_runs(
+        experiment_names=[names.DEFAULT_EXPERIMENT],
+        filter_string=f"tags.`{names.TAG_STUDY}` = '{parent_id}' and tags.`{names.TAG_ROLE}` = 'train'",
+        output_format="list",
+    )
+
+
+def _latest(role: str):
+    runs = mlflow.search_runs(
+        experiment_names=[names.DEFAULT_EXPERIMENT],
+        filter_string=f"tags.`{names.TAG_ROLE}` = '{role}'",
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
+    return runs[0], len(runs)
+
+
+def test_seed_and_arch_lists_parse_and_fail_clearly():
+    assert parse_seeds("1-10") == tuple(range(1, 11))
+    assert parse_seeds("1,2,5") == (1, 2, 5)
+    assert parse_seeds("5,1-3,3") == (1, 2, 3, 5)
+    for bad in ("", "a", "3-1", "1-", "-2"):
+        with pytest.raises(ConfigError, match="seeds"):
+            parse_seeds(bad)
+    assert parse_archs("efficientnetv2s,resnet50") == ("efficientnetv2s", "resnet50")
+    for bad in ("", "resnet50,resnet50", "resnet50,alexnet"):
+        with pytest.raises(ConfigError, match="archs"):
+            parse_archs(bad)
+
+
+def test_a_rerun_trains_only_what_is_missing(demo_set, tracking_uri, tmp_path):
+    args = [
+        "study", "--archs", "vgg16,mobilenetv3large", "--seeds", "1-2", "--data", str(demo_set),
+        "--weights", "none", "--image-height", "64", "--image-width", "64", "--max-epochs", "4",
+        "--cache-dir", str(tmp_path / "cache"), "--log-model", "false", "--analyze", "false",
+    ]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    parent, _ = _latest(names.ROLE_STUDY)
+    children = _children(parent.info.run_id)
+    assert sorted(r.info.run_name for r in children) == [
+        "mobilenetv3large-s1", "mobilenetv3large-s2", "vgg16-s1", "vgg16-s2"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert "[4/4]" in first.output
+    # Each backbone ran over the images once, for its first seed only.
+    misses = {(r.data.params["arch"], r.data.params["seed"]): r.data.metrics["cache_misses"] for r in children}
+    assert misses[("vgg16", "2")] == 0 and misses[("mobilenetv3large", "2")] == 0
+    assert misses[("vgg16", "1")] > 0
+
+    failed = next(r for r in children if r.info.run_name == "vgg16-s2")
+    mlflow.MlflowClient().set_terminated(failed.info.run_id, "FAILED")
+    second = CliRunner().invoke(main, args)
+    assert second.exit_code == 0, second.output
+    new_parent, n_parents = _latest(names.ROLE_STUDY)
+    assert n_parents == 2
+    assert new_parent.data.metrics["runs_trained"] == 1 and new_parent.data.metrics["runs_reused"] == 3
+    finished = [r for r in _children(new_parent.info.run_id) if r.info.status == "FINISHED"]
+    assert sorted(r.info.run_name for r in finished) == sorted(r.info.run_name for r in children)
+    assert {r.info.run_id for r in finished} - {r.info.run_id for r in children} != set()
+
+
+def test_a_changed_parameter_is_a_different_study(demo_set, tracking_uri, tmp_path):
+    common = ["study", "--archs", "vgg16,mobilenetv3large", "--seeds", "1", "--data", str(demo_set),
+              "--weights", "none", "--image-height", "64", "--image-width", "64", "--max-epochs", "2",
+              "--cache-dir", str(tmp_path / "cache"), "--log-model", "false", "--analyze", "false"]
+    assert CliRunner().invoke(main, common).exit_code == 0
+    result = CliRunner().invoke(main, common + ["--dropout", "0.3"])
+    assert result.exit_code == 0, result.output
+    parent, _ = _latest(names.ROLE_STUDY)
+    assert parent.data.metrics["runs_trained"] == 2 and parent.data.metrics["runs_reused"] == 0
+
+
+def test_bad_study_parameters_fail_before_any_run(demo_set, tracking_uri):
+    for option, value, message in (("--seeds", "ten", "seeds must look like"),
+                                   ("--archs", "resnet50,foo", "archs must be distinct backbones"),
+                                   ("--dropout", "2", "dropout must lie in")):
+        result = CliRunner().invoke(main, ["study", "--data", str(demo_set), option, value])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert not mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+@pytest.mark.slow
+def test_mlflow_run_study_then_analysis_matches_an_independent_recomputation(demo_set, tracking_uri, tmp_path):
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, TF_CPP_MIN_LOG_LEVEL="3")
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env['PATH']}"
+    command = [
+        "mlflow", "run", str(PROJECT_ROOT), "-e", "study", "--env-manager", "local",
+        "--experiment-name", names.DEFAULT_EXPERIMENT,
+        "-P", f"data={demo_set}", "-P", "weights=none", "-P", "seeds=1-3",
+        "-P", "image_height=128", "-P", "image_width=256", "-P", f"cache_dir={tmp_path / 'cache'}",
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    parent, _ = _latest(names.ROLE_STUDY)
+    children = _children(parent.info.run_id)
+    assert len(children) == 6 and all(r.info.status == "FINISHED" for r in children)
+
+    analysis, _ = _latest(names.ROLE_ANALYSIS)
+    assert analysis.data.tags[names.TAG_STUDY] == parent.info.run_id
+    by_arch = {a: {int(r.data.params["seed"]): r.data.metrics for r in children if r.data.params["arch"] == a}
+               for a in ("resnet50", "efficientnetv2s")}
+    for metric in names.SUMMARY_METRICS:
+        first = np.array([by_arch["resnet50"][s][f"test_{metric}"] for s in (1, 2, 3)])
+        second = np.array([by_arch["efficientnetv2s"][s][f"test_{metric}"] for s in (1, 2, 3)])
+        logged = analysis.data.metrics
+        assert logged[f"{metric}_mean_diff"] == pytest.approx((first - second).mean(), abs=1e-12)
+        if np.ptp(first - second) > 0:
+            p = stats.ttest_rel(first, second).pvalue
+            assert logged[f"{metric}_p_ttest"] == pytest.approx(p, rel=1e-9)
+            assert logged[f"{metric}_p_bonferroni"] == pytest.approx(min(1.0, 4 * p), rel=1e-9)
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun, n_parents = _latest(names.ROLE_STUDY)
+    assert n_parents == 2 and rerun.data.metrics["runs_trained"] == 0
+    assert rerun.data.metrics["runs_reused"] == 6
+    all_train = mlflow.search_runs(experiment_names=[names.DEFAULT_EXPERIMENT],
+                                   filter_string="tags.`ecg.role` = 'train'", output_format="list")
+    assert len(all_train) == 6, "the rerun must not train anything new"
