@@ -47,7 +47,7 @@ def tune_options(func: Callable) -> Callable:
 def tune(experiment: str, **raw: str) -> None:
     """Tune the head (layer widths, dropout, learning rate, batch size) with Optuna on the
     validation set; logs a parent run with a nested run per trial and best_head.json."""
-    from ecg_mlflow.tune import open_storage, parse_tune_config, redact_storage
+    from ecg_mlflow.tune import open_study, parse_tune_config, redact_storage
 
     try:
         config = parse_tune_config(**raw)
@@ -57,11 +57,13 @@ def tune(experiment: str, **raw: str) -> None:
     from ecg_mlflow.train import load_dataset
 
     try:
-        manifest = load_dataset(config.train.data)  # bad data or storage fail before a run is opened
-        storage = open_storage(config.storage)
-        tags = {names.TAG_ROLE: names.ROLE_TUNE, "ecg.tune.study": config.study_name}
+        # Bad data, storage or a study run with other settings fail before a run is opened.
+        manifest = load_dataset(config.train.data)
+        study, created = open_study(config, manifest.digest)
+        tags = {names.TAG_ROLE: names.ROLE_TUNE, "ecg.tune.study": config.study_name,
+                "ecg.tune.created_study": str(created).lower()}
         with tracked_run(experiment, f"tune-{config.study_name}", tags):
-            summary = tune_and_log(config, manifest, storage=storage)
+            summary = tune_and_log(config, manifest, study=study)
     except (ConfigError, DatasetError) as exc:
         raise click.BadParameter(str(exc)) from None
     except KeyboardInterrupt:
@@ -100,9 +102,10 @@ class TuneSummary:
         return "\n".join(lines)
 
 
-def tune_and_log(config, manifest, *, storage=None, pruner=None, progress: bool = True) -> TuneSummary:
+def tune_and_log(config, manifest, *, study=None, progress: bool = True) -> TuneSummary:
     """Tune into the active MLflow run: features once, the study's trials as nested runs,
-    then the study's best head, figures and trial table on the parent."""
+    then the study's best head, figures and trial table on the parent. `study` defaults
+    to the one `config` names (created or joined)."""
     import mlflow
 
     from ecg_mlflow import tune as tuning
@@ -125,8 +128,9 @@ def tune_and_log(config, manifest, *, storage=None, pruner=None, progress: bool 
                         names.METRIC_TIME_FEATURES: prepared.cache.seconds})
     data = tuning.seed_data(prepared, config.seeds)
 
-    study, created = tuning.open_study(config, manifest.digest, storage=storage, pruner=pruner)
-    mlflow.set_tag("ecg.tune.created_study", str(created).lower())
+    if study is None:
+        study, created = tuning.open_study(config, manifest.digest)
+        mlflow.set_tag("ecg.tune.created_study", str(created).lower())
     ran: list[int] = []
     study.optimize(
         tracked_objective(config, data), n_trials=config.n_trials, timeout=config.timeout,
