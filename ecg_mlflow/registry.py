@@ -1,0 +1,357 @@
+"""Promotion: from an analysis run to the registry's `champion`, only when the statistics say so.
+
+`plan_promotion` reads the analysis run (tags `significant_<metric>`, `winner_<metric>`),
+refuses a difference that is not significant after Bonferroni (unless forced), and picks
+the winning backbone's train run with the best VALIDATION metric: the test set already
+decided the comparison, so choosing a seed by it would report an optimistic test score.
+`register_version` and `move_champion` change the registry; none of these open a run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from analysis import schema
+from ecg_mlflow import names
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+    from mlflow.entities.model_registry import ModelVersion
+
+LATEST = "latest"
+TAG_SOURCE_RUN = "source_run_id"
+"""Version tag naming the train run whose Keras model the version serves (idempotence key)."""
+REGISTERED_MODEL_DESCRIPTION = (
+    "ECG report image classifier (myocardial infarction, history of MI, abnormal heartbeat, "
+    "normal). Input: DataFrame with a binary `image` column (JPEG/PNG bytes; base64 in JSON). "
+    "Output per image: `label` and `prob_mi`, `prob_hmi`, `prob_ahb`, `prob_norm`. "
+    f"Alias `{names.CHAMPION_ALIAS}` is the promoted model, `{names.PREVIOUS_CHAMPION_ALIAS}` "
+    "the one it replaced."
+)
+
+
+class PromotionError(ValueError):
+    """The analysis run, the study's runs or a parameter cannot be used; says which."""
+
+
+class PromotionRefused(PromotionError):
+    """The analysis did not find the winner significantly better; the message says why."""
+
+
+@dataclass(frozen=True)
+class PromotionPlan:
+    """Everything `promote` decided before touching the registry."""
+
+    model_name: str
+    metric: str
+    analysis_run_id: str
+    study_run_id: str
+    arch: str
+    other_arch: str
+    significant: bool
+    forced: bool
+    alpha: float | None
+    p_values: dict[str, float]
+    """Every p-value the analysis logged (`<metric>_p_bonferroni`, `accuracy_p_mcnemar`, ...)."""
+    source_run_id: str
+    source_params: dict[str, str]
+    source_metrics: dict[str, float]
+    n_candidates: int
+    existing_version: str | None = None
+    """The version that already serves `source_run_id`, if any (no new version then)."""
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def p_bonferroni(self) -> float | None:
+        return self.p_values.get(schema.stat_metric(self.metric, schema.STAT_P_BONFERRONI))
+
+    @property
+    def val_metric(self) -> str:
+        return names.split_metric("val", self.metric)
+
+    @property
+    def seed(self) -> str:
+        return self.source_params.get("seed", "?")
+
+
+def parse_metric(raw: str) -> str:
+    metric = str(raw).strip()
+    if metric not in names.SUMMARY_METRICS:
+        raise PromotionError(f"metric must be one of {', '.join(names.SUMMARY_METRICS)}; got {raw!r}")
+    return metric
+
+
+def parse_force(raw: str | bool) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    value = str(raw).strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no", ""):
+        return False
+    raise PromotionError(f"force must be true or false, got {raw!r}")
+
+
+def parse_model_name(raw: str) -> str:
+    name = str(raw).strip()
+    if not name or "/" in name or ":" in name or "@" in name:
+        raise PromotionError(f"model_name must be a plain registered model name (no / : @), got {raw!r}")
+    return name
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def find_analysis_run(client: MlflowClient, experiment: str, analysis_run: str = LATEST) -> Run:
+    """The newest finished analysis run of `experiment`, or the run `analysis_run` (checked)."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        known = sorted(e.name for e in client.search_experiments())
+        raise PromotionError(
+            f"experiment: unknown experiment {experiment!r}; experiments in this tracking store: "
+            f"{', '.join(known) or '(none)'}"
+        )
+    analysis_run = str(analysis_run).strip()
+    if analysis_run == LATEST:
+        runs = client.search_runs(
+            [found.experiment_id],
+            filter_string=f"tags.`{names.TAG_ROLE}` = {_quote(names.ROLE_ANALYSIS)} "
+                          "and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not runs:
+            raise PromotionError(
+                f"analysis_run: no finished analysis run (tag {names.TAG_ROLE}={names.ROLE_ANALYSIS}) "
+                f"in experiment {experiment!r}; run `ecg-mlflow analyze` first"
+            )
+        return runs[0]
+    try:
+        run = client.get_run(analysis_run)
+    except MlflowException:
+        raise PromotionError(f"analysis_run: run {analysis_run!r} not found in the tracking store") from None
+    role = run.data.tags.get(names.TAG_ROLE)
+    if role != names.ROLE_ANALYSIS:
+        raise PromotionError(
+            f"analysis_run: run {analysis_run} is not an analysis run (tag {names.TAG_ROLE} is "
+            f"{role!r}, expected {names.ROLE_ANALYSIS!r})"
+        )
+    if run.info.experiment_id != found.experiment_id:
+        raise PromotionError(
+            f"analysis_run: run {analysis_run} belongs to experiment id {run.info.experiment_id}, "
+            f"not to {experiment!r} (id {found.experiment_id})"
+        )
+    if run.info.status != "FINISHED":
+        raise PromotionError(f"analysis_run: run {analysis_run} is {run.info.status}, not FINISHED")
+    return run
+
+
+def _p_values(run: Run) -> dict[str, float]:
+    return {k: v for k, v in run.data.metrics.items() if "_p_" in k and math.isfinite(v)}
+
+
+def check_significance(run: Run, metric: str, force: bool) -> tuple[str, str, bool]:
+    """(winner, other, significant) of `metric`; PromotionRefused unless significant or forced."""
+    tags, params = run.data.tags, run.data.params
+    run_id = run.info.run_id
+    winner = tags.get(schema.winner_tag(metric))
+    significant = tags.get(schema.significant_tag(metric))
+    if winner is None or significant is None:
+        analysed = params.get(schema.PARAM_METRICS, "(unknown)")
+        raise PromotionError(
+            f"metric: analysis run {run_id} did not analyse {metric!r} (analysed: {analysed}); "
+            f"rerun `ecg-mlflow analyze --metrics {metric},...` or pick one of those"
+        )
+    archs = [a.strip() for a in params.get(schema.PARAM_ARCHS, "").split(",") if a.strip()]
+    others = [a for a in archs if a != winner]
+    other = others[0] if others else "the other backbone"
+    is_significant = significant == "true"
+    if not is_significant and not force:
+        p = run.data.metrics.get(schema.stat_metric(metric, schema.STAT_P_BONFERRONI))
+        alpha = params.get(schema.PARAM_ALPHA, "0.05")
+        p_text = f"Bonferroni-adjusted p = {p:.4g}" if p is not None else "no finite p-value"
+        raise PromotionRefused(
+            f"not promoting: analysis run {run_id} found no significant difference in {metric} "
+            f"between {winner} and {other} ({p_text}, alpha {alpha}). The higher mean alone is "
+            f"no evidence; pass force=true (--force) to promote {winner} anyway"
+        )
+    return winner, other, is_significant
+
+
+def select_source_run(client: MlflowClient, experiment_id: str, study_run_id: str, arch: str, metric: str) -> tuple[Run, int]:
+    """The study's finished train run of `arch` with the best validation `metric` (ties:
+    lower validation loss, then the earlier run); also how many runs competed."""
+    val_key = names.split_metric("val", metric)
+    filter_string = (
+        f"tags.`{names.TAG_ROLE}` = {_quote(names.ROLE_TRAIN)} and "
+        f"tags.`{names.TAG_STUDY}` = {_quote(study_run_id)} and "
+        f"params.arch = {_quote(arch)} and attributes.status = 'FINISHED'"
+    )
+    runs = []
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    runs = [r for r in runs if val_key in r.data.metrics]
+    if not runs:
+        raise PromotionError(
+            f"study {study_run_id} has no finished train run of {arch} with metric {val_key!r}"
+        )
+    val_loss = names.split_metric("val", "loss")
+
+    def rank(run: Run):
+        m = run.data.metrics
+        return (-m[val_key], m.get(val_loss, math.inf), run.info.start_time or 0, run.info.run_id)
+
+    best = min(runs, key=rank)
+    if best.data.params.get("log_model", "true") == "false":
+        raise PromotionError(
+            f"run {best.info.run_id} ({arch}, seed {best.data.params.get('seed')}) has the best "
+            f"{val_key} but was trained with log_model=false: there is no model to serve"
+        )
+    return best, len(runs)
+
+
+def existing_version(client: MlflowClient, model_name: str, source_run_id: str) -> str | None:
+    """The registered version that already serves `source_run_id`, if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = {_quote(model_name)}")
+    except MlflowException:
+        return None
+    found = [v.version for v in versions if v.tags.get(TAG_SOURCE_RUN) == source_run_id]
+    return str(min(found, key=int)) if found else None
+
+
+def plan_promotion(
+    client: MlflowClient | None = None,
+    experiment: str = names.DEFAULT_EXPERIMENT,
+    analysis_run: str = LATEST,
+    metric: str = "accuracy",
+    model_name: str = names.DEFAULT_MODEL_NAME,
+    force: bool | str = False,
+) -> PromotionPlan:
+    """Decide what to promote; PromotionRefused when the analysis does not support it."""
+    from mlflow import MlflowClient
+
+    client = client or MlflowClient()
+    metric = parse_metric(metric)
+    force = parse_force(force)
+    model_name = parse_model_name(model_name)
+    run = find_analysis_run(client, experiment, analysis_run)
+    winner, other, significant = check_significance(run, metric, force)
+    study = run.data.params.get(schema.PARAM_STUDY_RUN_ID) or run.data.tags.get(names.TAG_STUDY)
+    if not study:
+        raise PromotionError(f"analysis run {run.info.run_id} names no study ({schema.PARAM_STUDY_RUN_ID})")
+    source, n = select_source_run(client, run.info.experiment_id, study, winner, metric)
+    alpha = run.data.params.get(schema.PARAM_ALPHA)
+    notes = () if significant else (f"forced: {metric} difference not significant",)
+    return PromotionPlan(
+        model_name=model_name, metric=metric, analysis_run_id=run.info.run_id, study_run_id=study,
+        arch=winner, other_arch=other, significant=significant, forced=force and not significant,
+        alpha=float(alpha) if alpha else None, p_values=_p_values(run),
+        source_run_id=source.info.run_id, source_params=dict(source.data.params),
+        source_metrics=dict(source.data.metrics), n_candidates=n,
+        existing_version=existing_version(client, model_name, source.info.run_id), notes=notes,
+    )
+
+
+def version_tags(plan: PromotionPlan, promote_run_id: str) -> dict[str, str]:
+    """Tags of the new version: provenance, backbone, preprocessing, p-values, test metrics."""
+    tags = {
+        TAG_SOURCE_RUN: plan.source_run_id,
+        "analysis_run_id": plan.analysis_run_id,
+        "study_run_id": plan.study_run_id,
+        "promote_run_id": promote_run_id,
+        "arch": plan.arch,
+        "seed": plan.seed,
+        "promotion_metric": plan.metric,
+        "significant": str(plan.significant).lower(),
+        "forced": str(plan.forced).lower(),
+    }
+    for key in ("image_height", "image_width", "crop", "weights", "split", names.PARAM_DATA_DIGEST):
+        if key in plan.source_params:
+            tags[key] = plan.source_params[key]
+    tags.update({k: f"{v:.6g}" for k, v in sorted(plan.p_values.items())})
+    for metric in names.SUMMARY_METRICS + ("roc_auc_macro",):
+        for split in ("test", "val"):
+            key = names.split_metric(split, metric)
+            if key in plan.source_metrics:
+                tags[key] = f"{plan.source_metrics[key]:.6g}"
+    return tags
+
+
+def version_description(plan: PromotionPlan) -> str:
+    """A few sentences a reader of the registry UI needs: what, why, how good."""
+    m = plan.source_metrics
+    test = ", ".join(
+        f"{metric} {m[names.split_metric('test', metric)]:.3f}"
+        for metric in names.SUMMARY_METRICS if names.split_metric("test", metric) in m
+    )
+    p = plan.p_bonferroni
+    p_text = f"Bonferroni-adjusted p = {p:.3g}" if p is not None else "no finite p-value"
+    verdict = (
+        f"significantly better than {plan.other_arch} on {plan.metric} ({p_text})"
+        if plan.significant else
+        f"NOT significantly better than {plan.other_arch} on {plan.metric} ({p_text}); promoted with force"
+    )
+    size = f"{plan.source_params.get('image_height', '?')}x{plan.source_params.get('image_width', '?')}"
+    return (
+        f"{plan.arch} (seed {plan.seed}, train run {plan.source_run_id}): {verdict}, according to "
+        f"analysis run {plan.analysis_run_id} of study {plan.study_run_id}. This seed had the best "
+        f"validation {plan.metric} ({m.get(plan.val_metric, float('nan')):.3f}) of "
+        f"{plan.n_candidates} {plan.arch} runs. Test set: {test}. Input images are resized to "
+        f"{size} (crop {plan.source_params.get('crop', 'none')}), weights "
+        f"{plan.source_params.get('weights', '?')}."
+    )
+
+
+def register_version(client: MlflowClient, plan: PromotionPlan, model_uri: str, promote_run_id: str) -> ModelVersion:
+    """Register `model_uri` under plan.model_name with tags and description."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        registered = client.get_registered_model(plan.model_name)
+    except MlflowException:
+        registered = client.create_registered_model(plan.model_name, description=REGISTERED_MODEL_DESCRIPTION)
+    if not registered.description:
+        client.update_registered_model(plan.model_name, description=REGISTERED_MODEL_DESCRIPTION)
+    version = mlflow.register_model(model_uri, plan.model_name, tags=version_tags(plan, promote_run_id))
+    client.update_model_version(plan.model_name, version.version, description=version_description(plan))
+    return client.get_model_version(plan.model_name, version.version)
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    """What `move_champion` did: the new champion and the version it replaced (if any)."""
+
+    champion: str
+    previous: str | None
+    changed: bool
+
+
+def move_champion(client: MlflowClient, model_name: str, version: str) -> AliasMove:
+    """Point `champion` at `version` and `previous-champion` at the version it replaces."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        current = client.get_model_version_by_alias(model_name, names.CHAMPION_ALIAS).version
+    except MlflowException:
+        current = None
+    if current is not None and str(current) == str(version):
+        return AliasMove(str(version), None, False)
+    if current is not None:
+        client.set_registered_model_alias(model_name, names.PREVIOUS_CHAMPION_ALIAS, str(current))
+    client.set_registered_model_alias(model_name, names.CHAMPION_ALIAS, str(version))
+    return AliasMove(str(version), str(current) if current is not None else None, True)
