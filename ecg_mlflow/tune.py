@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,6 +44,7 @@ SAMPLER_STARTUP_TRIALS = 10
 MAX_SEEDS = 20
 HEARTBEAT_INTERVAL_S = 30
 HEARTBEAT_GRACE_S = 120
+SCHEMA_RACE_RETRIES = 5
 STUDY_SIGNATURE_ATTR = "ecg_signature"
 MLFLOW_RUN_ATTR = "mlflow_run_id"
 STORAGE_PREFIXES = ("sqlite:///", "postgresql", "mysql")
@@ -224,20 +226,28 @@ def open_storage(url: str):
     retried once) by the next worker instead of staying RUNNING forever."""
     import optuna
     from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
 
     url = check_storage(url)
     engine_kwargs: dict[str, object] = {"pool_pre_ping": True}
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": 60}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    for attempt in range(SCHEMA_RACE_RETRIES + 1):
         try:
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                grace_period=HEARTBEAT_GRACE_S,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                    grace_period=HEARTBEAT_GRACE_S,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                )
+        except (IntegrityError, ProgrammingError):
+            # Workers started together on an empty database race to create Optuna's
+            # tables; the loser finds them half made. They exist a moment later.
+            if attempt == SCHEMA_RACE_RETRIES:
+                raise
+            time.sleep(0.5 * (attempt + 1))
         except Exception as exc:
             raise ConfigError(
                 f"storage: cannot open {redact_storage(url)!r} ({type(exc).__name__}: {exc})"
@@ -311,7 +321,6 @@ def open_study(config: TuneConfig, data_digest: str, *, storage=None, pruner=Non
     preprocessing or seeds fails, naming the parameter that differs.
     """
     import optuna
-
 
     storage = storage if storage is not None else open_storage(config.storage)
     sampler = make_sampler(config.sampler_seed)
@@ -459,7 +468,6 @@ def plot_history(study):
     """Optimisation history (objective per trial and best so far), as a Figure."""
     import optuna
 
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         axes = optuna.visualization.matplotlib.plot_optimization_history(study)
@@ -471,7 +479,6 @@ def plot_importances(study):
     """fANOVA parameter importances over the completed trials, as a Figure; None while
     fewer than two trials completed (importances are undefined)."""
     import optuna
-
 
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if len(complete) < 2:
