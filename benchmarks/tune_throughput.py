@@ -49,9 +49,10 @@ def run_worker(config, manifest, label: str) -> dict[str, float]:
 
     mlflow.set_experiment("tune-benchmark")
     start = time.perf_counter()
-    with mlflow.start_run(run_name=label, tags={names.TAG_ROLE: names.ROLE_TUNE}):
+    with mlflow.start_run(run_name=label, tags={names.TAG_ROLE: names.ROLE_TUNE}) as run:
         summary = tune_and_log(config, manifest, progress=False)
     wall = time.perf_counter() - start
+    metrics = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics
     study = optuna.load_study(study_name=config.study_name, storage=config.storage)
     mine = [t for t in study.trials if t.number in set(summary.ran)]
     first = min(t.datetime_start for t in mine)
@@ -62,6 +63,7 @@ def run_worker(config, manifest, label: str) -> dict[str, float]:
         "trials": len(mine), **states, "backbone_passes": summary.cache_misses,
         "cache_hits": summary.cache_hits, "trial_seconds": trial_seconds,
         "trials_per_minute": 60 * len(mine) / trial_seconds, "wall_seconds": wall,
+        "features_seconds": metrics[names.METRIC_TIME_FEATURES],
     }
 
 
@@ -92,7 +94,6 @@ def main() -> None:
             )
             started = time.perf_counter()
             row = run_worker(config, manifest, label)
-            row["features_seconds"] = row["wall_seconds"] - row["trial_seconds"]
             results.append((label, row, time.perf_counter() - started))
 
     import keras
@@ -104,13 +105,14 @@ def main() -> None:
           f"{len({r.sha256 for r in manifest.records})} unique); {args.arch}, weights={args.weights}, "
           f"{args.image_height}x{args.image_width}; seeds {args.seeds}; max_epochs {args.max_epochs}, "
           f"patience {args.patience}")
-    print("| worker | backbone passes | cache hits | features + setup (s) | trials | complete | pruned "
-          "| trial time (s) | trials/min |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"load average after the run: {os.getloadavg()[0]:.2f}")
+    print("| worker | backbone passes | cache hits | features (s) | trials | complete | pruned "
+          "| trial time (s) | trials/min | worker wall (s) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for label, row, _ in results:
         print(f"| {label} | {row['backbone_passes']} | {row['cache_hits']} | {row['features_seconds']:.1f} "
               f"| {row['trials']} | {row['COMPLETE']} | {row['PRUNED']} | {row['trial_seconds']:.1f} "
-              f"| {row['trials_per_minute']:.2f} |")
+              f"| {row['trials_per_minute']:.2f} | {row['wall_seconds']:.1f} |")
 
 
 if __name__ == "__main__":
