@@ -100,7 +100,8 @@ def train_study(experiment: str, root: Path, data: Path, cache: Path, archs: tup
         for arch in archs:
             for seed in seeds:
                 tags = {names.TAG_STUDY: parent.info.run_id, names.TAG_ROLE: names.ROLE_TRAIN}
-                with mlflow.start_run(nested=True, run_name=f"{arch}-s{seed}", tags=tags) as child:
+                with mlflow.start_run(experiment_id=exp_id, nested=True, run_name=f"{arch}-s{seed}",
+                                      tags=tags) as child:
                     config = parse_train_config(arch=arch, seed=str(seed), data=str(data),
                                                 cache_dir=str(cache), **SMALL)
                     train_and_log(config, manifest=manifest, progress=False)

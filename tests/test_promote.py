@@ -1,0 +1,173 @@
+"""Promotion in a real MLflow store: refusal, choice by validation, versions, aliases, idempotence."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import yaml
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from analysis import schema
+from analysis.run import analyze_study, log_analysis
+from ecg_mlflow import names
+from ecg_mlflow.cli import main
+from ecg_mlflow.registry import TAG_SOURCE_RUN, PromotionError, plan_promotion
+
+from conftest import PROJECT_ROOT
+from serving_fixtures import Study, hand_analysis_run, isolated_store, shared_cache, shared_demo_set, train_study
+
+ARCHS = ("mobilenetv3large", "vgg16")
+SEEDS = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A real study: 2 backbones x 2 seeds of real train runs, plus a real analysis run."""
+    root = tmp_path_factory.mktemp("promote-store")
+    with isolated_store(root):
+        built = train_study("promote", root, shared_demo_set(tmp_path_factory), shared_cache(tmp_path_factory),
+                            ARCHS, SEEDS)
+        result = analyze_study(experiment=built.experiment, study=built.study_run_id, n_resamples=200)
+        with mlflow.start_run(experiment_id=built.experiment_id, run_name="analysis",
+                              tags={"mlflow.parentRunId": built.study_run_id}) as run:
+            log_analysis(result, run.info.run_id, experiment=built.experiment)
+        yield built, run.info.run_id
+
+
+def _promote(study: Study, *args: str):
+    return CliRunner().invoke(main, ["promote", "--experiment", study.experiment, *args])
+
+
+def _best_val(study: Study, arch: str, metric: str = "accuracy") -> str:
+    client = MlflowClient()
+    runs = [client.get_run(study.runs[(arch, s)]) for s in SEEDS]
+    key, loss = names.split_metric("val", metric), names.split_metric("val", "loss")
+    return min(runs, key=lambda r: (-r.data.metrics[key], r.data.metrics[loss], r.info.start_time)).info.run_id
+
+
+def test_real_analysis_refuses_when_not_significant_and_force_promotes(study):
+    built, analysis_id = study
+    tags = MlflowClient().get_run(analysis_id).data.tags
+    # 2 seed pairs of random backbones on 24 synthetic images: never significant after Bonferroni
+    assert tags[schema.significant_tag("accuracy")] == "false"
+    refused = _promote(built, "--model-name", "real-analysis")
+    assert refused.exit_code == 1
+    assert "not promoting" in refused.output and "no significant difference in accuracy" in refused.output
+    assert analysis_id in refused.output and "--force" in refused.output
+    assert MlflowClient().search_registered_models(f"name = 'real-analysis'") == []
+
+    forced = _promote(built, "--model-name", "real-analysis", "--analysis-run", analysis_id, "--force", "true")
+    assert forced.exit_code == 0, forced.output
+    version = MlflowClient().get_model_version_by_alias("real-analysis", names.CHAMPION_ALIAS)
+    winner = tags[schema.winner_tag("accuracy")]
+    assert version.tags["arch"] == winner and version.tags["forced"] == "true"
+    assert version.tags[TAG_SOURCE_RUN] == _best_val(built, winner)
+    analysis_metrics = MlflowClient().get_run(analysis_id).data.metrics
+    p_key = schema.stat_metric("accuracy", schema.STAT_P_BONFERRONI)
+    if p_key in analysis_metrics:  # NaN p-values (identical runs) are not logged
+        assert float(version.tags[p_key]) == pytest.approx(analysis_metrics[p_key], rel=1e-5)
+    assert "NOT significantly better" in version.description
+
+
+def test_promotions_register_tag_move_aliases_and_are_idempotent(study):
+    built, _ = study
+    client = MlflowClient()
+    first = hand_analysis_run(built, "mobilenetv3large", "vgg16", significant=True, p_bonferroni=0.004)
+    done = _promote(built, "--analysis-run", first)
+    assert done.exit_code == 0, done.output
+    v1 = client.get_model_version_by_alias(names.DEFAULT_MODEL_NAME, names.CHAMPION_ALIAS)
+    assert str(v1.version) == "1"
+    source = _best_val(built, "mobilenetv3large")
+    source_run = client.get_run(source)
+    assert v1.tags[TAG_SOURCE_RUN] == source
+    assert v1.tags["analysis_run_id"] == first and v1.tags["study_run_id"] == built.study_run_id
+    assert v1.tags["arch"] == "mobilenetv3large" and v1.tags["significant"] == "true"
+    assert float(v1.tags["accuracy_p_bonferroni"]) == pytest.approx(0.004)
+    for metric in names.SUMMARY_METRICS:
+        key = names.split_metric("test", metric)
+        assert float(v1.tags[key]) == pytest.approx(source_run.data.metrics[key], rel=1e-5)
+    assert "significantly better than vgg16" in v1.description and source in v1.description
+    promote_run = client.get_run(v1.run_id)
+    assert promote_run.data.tags[names.TAG_ROLE] == names.ROLE_PROMOTE
+    assert promote_run.data.params["source_run_id"] == source
+    assert client.get_registered_model(names.DEFAULT_MODEL_NAME).description
+
+    again = _promote(built, "--analysis-run", first)
+    assert again.exit_code == 0, again.output
+    assert "already version 1" in again.output and "already points at version 1" in again.output
+    assert len(client.search_model_versions(f"name = '{names.DEFAULT_MODEL_NAME}'")) == 1
+
+    second = hand_analysis_run(built, "vgg16", "mobilenetv3large", significant=True, p_bonferroni=0.01)
+    moved = _promote(built, "--analysis-run", second)
+    assert moved.exit_code == 0, moved.output
+    champion = client.get_model_version_by_alias(names.DEFAULT_MODEL_NAME, names.CHAMPION_ALIAS)
+    previous = client.get_model_version_by_alias(names.DEFAULT_MODEL_NAME, names.PREVIOUS_CHAMPION_ALIAS)
+    assert (str(champion.version), str(previous.version)) == ("2", "1")
+    assert champion.tags["arch"] == "vgg16" and champion.tags[TAG_SOURCE_RUN] == _best_val(built, "vgg16")
+
+    # back to the first run: its existing version becomes champion again, still no version 3
+    back = _promote(built, "--analysis-run", first)
+    assert back.exit_code == 0, back.output
+    champion = client.get_model_version_by_alias(names.DEFAULT_MODEL_NAME, names.CHAMPION_ALIAS)
+    previous = client.get_model_version_by_alias(names.DEFAULT_MODEL_NAME, names.PREVIOUS_CHAMPION_ALIAS)
+    assert (str(champion.version), str(previous.version)) == ("1", "2")
+    assert len(client.search_model_versions(f"name = '{names.DEFAULT_MODEL_NAME}'")) == 2
+
+
+def test_source_run_is_chosen_by_validation_never_by_test(study):
+    """Give the worst-validation seed the best test score: it must still lose."""
+    built, _ = study
+    client = MlflowClient()
+    val, test = names.split_metric("val", "accuracy"), names.split_metric("test", "accuracy")
+    # a third, hand-logged run of the winner in the same study: best on test, worst on validation
+    with mlflow.start_run(experiment_id=built.experiment_id, run_name="mobilenetv3large-s9",
+                          tags={names.TAG_ROLE: names.ROLE_TRAIN, names.TAG_STUDY: built.study_run_id}) as decoy:
+        mlflow.log_params({"arch": "mobilenetv3large", "seed": "9"})
+        mlflow.log_metrics({val: -1.0, test: 2.0})
+    analysis = hand_analysis_run(built, "mobilenetv3large", "vgg16", significant=True)
+    plan = plan_promotion(client, built.experiment, analysis, "accuracy", "unused-name")
+    assert plan.source_run_id == _best_val(built, "mobilenetv3large") != decoy.info.run_id
+    assert plan.n_candidates == len(SEEDS) + 1
+    client.delete_run(decoy.info.run_id)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--metric", "auc"], "metric must be one of accuracy"),
+    (["--force", "maybe"], "force must be true or false"),
+    (["--model-name", "a/b"], "model_name must be a plain registered model name"),
+    (["--analysis-run", "0123456789abcdef"], "run '0123456789abcdef' not found"),
+])
+def test_bad_parameters_fail_with_one_clear_line(study, args, message):
+    built, analysis_id = study
+    extra = [] if "--analysis-run" in args else ["--analysis-run", analysis_id]
+    result = _promote(built, *extra, *args)
+    assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_a_metric_the_analysis_did_not_analyse_is_named(study):
+    built, _ = study
+    accuracy_only = hand_analysis_run(built, "vgg16", "mobilenetv3large", significant=True)
+    result = _promote(built, "--analysis-run", accuracy_only, "--metric", "f1_macro", "--force", "true")
+    assert result.exit_code == 1
+    assert "did not analyse 'f1_macro' (analysed: accuracy)" in result.output, result.output
+
+
+def test_a_study_run_is_not_an_analysis_run_and_experiments_must_exist(study):
+    built, _ = study
+    with pytest.raises(PromotionError, match="is not an analysis run"):
+        plan_promotion(MlflowClient(), built.experiment, built.study_run_id)
+    with pytest.raises(PromotionError, match="unknown experiment 'nope'.*promote"):
+        plan_promotion(MlflowClient(), "nope")
+
+
+def test_mlproject_promote_passes_every_parameter_to_the_command():
+    entry = yaml.safe_load((PROJECT_ROOT / "MLproject").read_text())["entry_points"]["promote"]
+    assert set(entry["parameters"]) == {"experiment", "analysis_run", "metric", "model_name", "force"}
+    assert all(spec["type"] == "string" for spec in entry["parameters"].values())
+    assert entry["parameters"]["analysis_run"]["default"] == "latest"
+    assert entry["parameters"]["model_name"]["default"] == names.DEFAULT_MODEL_NAME
+    for param in entry["parameters"]:
+        assert f"--{param.replace('_', '-')} {{{param}}}" in entry["command"]
+    options = {o.name for o in main.commands["promote"].params}
+    assert options == set(entry["parameters"])
