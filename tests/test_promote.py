@@ -171,3 +171,26 @@ def test_mlproject_promote_passes_every_parameter_to_the_command():
         assert f"--{param.replace('_', '-')} {{{param}}}" in entry["command"]
     options = {o.name for o in main.commands["promote"].params}
     assert options == set(entry["parameters"])
+
+
+def test_inside_mlflow_run_the_promote_run_is_that_run(study, monkeypatch):
+    """As under `mlflow run -e promote`: MLFLOW_RUN_ID names a run that already holds the
+    entry point's parameters; promotion logs into it instead of opening another."""
+    built, _ = study
+    client = MlflowClient()
+    analysis = hand_analysis_run(built, "vgg16", "mobilenetv3large", significant=True)
+    project_run = client.create_run(built.experiment_id, run_name="mlflow-run-promote")
+    run_id = project_run.info.run_id
+    for key, value in {"experiment": built.experiment, "analysis_run": analysis, "metric": "accuracy",
+                       "model_name": "inside-project", "force": "false"}.items():
+        client.log_param(run_id, key, value)
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    result = _promote(built, "--analysis-run", analysis, "--model-name", "inside-project", "--force", "false")
+    assert result.exit_code == 0, result.output
+    version = client.get_model_version_by_alias("inside-project", names.CHAMPION_ALIAS)
+    assert version.run_id == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[names.TAG_ROLE] == names.ROLE_PROMOTE
+    assert run.data.params["source_run_id"] == version.tags[TAG_SOURCE_RUN]
+    assert [r.info.run_id for r in client.search_runs([built.experiment_id],
+            f"tags.`{names.TAG_ROLE}` = 'promote' and params.model_name = 'inside-project'")] == [run_id]
