@@ -1,0 +1,43 @@
+# Two commands do all the setup on a fresh machine:
+#   make demo   - synthetic ECG reports, a small tracked study, its analysis, promotion
+#   make test   - the test suite
+# Both create .venv and install the project into it first.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+# `mlflow run` and `mlflow models serve` find `python`/`uvicorn` on PATH: the venv's first.
+export PATH := $(BIN):$(PATH)
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+DEMO_DATA ?= data/demo
+DEMO_SIZE ?= -P image_height=128 -P image_width=256
+DEMO_CACHE ?= .cache/features
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: setup
+	ecg-mlflow synth --out $(DEMO_DATA) --per-class 25 --seed 0 --duplicates 0.3
+	ecg-mlflow data describe $(DEMO_DATA)
+	mlflow run . --env-manager local --experiment-name ecg-cvd -e study \
+		-P data=$(DEMO_DATA) -P weights=none -P seeds=1-3 $(DEMO_SIZE) -P cache_dir=$(DEMO_CACHE)
+	ecg-mlflow promote || { echo "demo: the 3-seed demo study is not significant; promoting anyway (--force) to show the registry"; ecg-mlflow promote --force; }
+	@echo
+	@echo "Open the MLflow UI:      PATH=$(BIN):\$$PATH mlflow ui --port 5000   (then http://127.0.0.1:5000)"
+	@echo "Serve the champion:      PATH=$(BIN):\$$PATH mlflow models serve -m \"models:/ecg-cvd-classifier@champion\" -p 5001 --env-manager local"
+	@echo "Ask it about an image:   $(BIN)/ecg-mlflow predict --url http://127.0.0.1:5001 \"$(DEMO_DATA)/Normal Person ECG Images (284x12=3408)/Normal(1).jpg\""
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) mlruns mlflow.db .pytest_cache

@@ -1,0 +1,143 @@
+"""Training speed: the paper's way against this project's way, on the same real images.
+
+The paper's way fits the whole model (frozen backbone + head) on images, so the backbone
+runs over every training and validation image in every epoch. This project's way runs the
+backbone once per unique image into the feature cache (cold here) and fits the head on the
+cached features. Both use the same images, split, seed and number of epochs (early
+stopping off, so both train exactly `--epochs` epochs); the paper's way even gets its
+images decoded once and held in memory, which favours it.
+
+    .venv/bin/python benchmarks/training_speed.py --per-class 30 --epochs 10
+
+Prints a table and writes the "Training speed" section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+REAL_IMAGES = PROJECT_ROOT.parent / "shared" / "data" / "ecg-images"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(REAL_IMAGES))
+    parser.add_argument("--archs", default="resnet50,efficientnetv2s")
+    parser.add_argument("--per-class", type=int, default=30, help="files per class (first by name)")
+    parser.add_argument("--image-height", type=int, default=256)
+    parser.add_argument("--image-width", type=int, default=512)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    return parser.parse_args()
+
+
+def subset_manifest(data: str, per_class: int):
+    from ecg_mlflow.dataset import build_manifest
+
+    manifest = build_manifest(data)
+    chosen: dict[str, list[str]] = {}
+    for record in manifest.records:
+        chosen.setdefault(record.label, []).append(record.relpath)
+    return manifest.subset([p for paths in chosen.values() for p in paths[:per_class]])
+
+
+def paper_way(arch, weights, config, split, records, manifest, seed, epochs):
+    """model.fit on images: the frozen backbone runs over train and val every epoch."""
+    import keras
+
+    from ecg_mlflow.backbones import build_feature_extractor
+    from ecg_mlflow.head import build_head, one_hot
+    from ecg_mlflow.preprocess import load_pixels
+
+    def pixels(relpaths):
+        return np.stack([load_pixels(manifest.path_of(records[p]), config.image_height,
+                                     config.image_width) for p in relpaths]).astype(np.float32)
+
+    x = {s: pixels(getattr(split, s)) for s in ("train", "val", "test")}
+    y = {s: one_hot([records[p].label for p in getattr(split, s)]) for s in ("train", "val")}
+    extractor = build_feature_extractor(arch, weights, config.image_height, config.image_width)
+    start = time.perf_counter()
+    keras.utils.set_random_seed(seed)
+    head = build_head(extractor.output_shape[-1], config.dense_units, config.dropout)
+    inputs = keras.Input(shape=(config.image_height, config.image_width, 3))
+    model = keras.Model(inputs, head(extractor(inputs)))
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                  loss="categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x["train"], y["train"], validation_data=(x["val"], y["val"]),
+              batch_size=config.batch_size, epochs=epochs, shuffle=True, verbose=0)
+    seconds = time.perf_counter() - start
+    passes = epochs * (len(split.train) + len(split.val))
+    return seconds, passes, np.asarray(model.predict(x["test"], verbose=0))
+
+
+def project_way(arch, weights, config, split, manifest, seed, epochs):
+    """Backbone once per unique image into a cold cache, then the head on features."""
+    from dataclasses import replace
+
+    from ecg_mlflow.head import train_head
+    from ecg_mlflow.train import prepare_features
+
+    with tempfile.TemporaryDirectory() as cache:
+        run_config = replace(config, arch=arch, weights=weights, cache_dir=cache, seed=seed)
+        start = time.perf_counter()
+        data = prepare_features(run_config, manifest, split, progress=False)
+        head_config = replace(run_config.head_config_obj(), max_epochs=epochs, patience=epochs)
+        head, _ = train_head(*data.xy("train"), *data.xy("val"), head_config, seed)
+        seconds = time.perf_counter() - start
+        return seconds, data.cache.misses, np.asarray(head.predict(data.x("test"), verbose=0))
+
+
+def main() -> None:
+    args = parse_args()
+    from report import machine, markdown_table, write_section
+    from ecg_mlflow.config import parse_train_config
+    from ecg_mlflow.splits import make_split
+
+    manifest = subset_manifest(args.data, args.per_class)
+    split = make_split(manifest, "paper", args.seed)
+    records = {r.relpath: r for r in manifest.records}
+    config = parse_train_config(image_height=str(args.image_height), image_width=str(args.image_width))
+    rows = []
+    for arch in args.archs.split(","):
+        print(f"{arch}: paper's way ...", flush=True)
+        paper_s, paper_passes, paper_probs = paper_way(
+            arch, "none", config, split, records, manifest, args.seed, args.epochs)
+        print(f"{arch}: this project's way ...", flush=True)
+        ours_s, our_passes, our_probs = project_way(arch, "none", config, split, manifest, args.seed, args.epochs)
+        agree = float((paper_probs.argmax(1) == our_probs.argmax(1)).mean())
+        diff = float(np.abs(paper_probs - our_probs).max())
+        rows.append([arch, paper_passes, f"{paper_s:.1f}", our_passes, f"{ours_s:.1f}",
+                     f"{paper_s / ours_s:.1f}x", f"{agree:.0%}", f"{diff:.2g}"])
+    header = ["backbone", "paper: backbone passes", "paper: s", "ours: backbone passes", "ours: s",
+              "speed-up", "same test labels", "max abs prob diff"]
+    table = markdown_table(header, rows)
+    print(table)
+    if args.no_write:
+        return
+    body = (
+        f"`benchmarks/training_speed.py --per-class {args.per_class} --epochs {args.epochs} "
+        f"--image-height {args.image_height} --image-width {args.image_width}` on the real images "
+        f"(../shared/data/ecg-images, the first {args.per_class} files of each class: "
+        f"{len(manifest.records)} files, {len({r.sha256 for r in manifest.records})} unique; paper split "
+        f"{len(split.train)}/{len(split.val)}/{len(split.test)}), `weights=none`, seed {args.seed}, "
+        f"{args.epochs} epochs each way with early stopping off. Machine: {machine()}.\n\n"
+        f"{table}\n\n"
+        "The paper's way runs the frozen backbone over every training and validation image in every "
+        "epoch (its images were decoded once and held in memory, which favours it); this project's way "
+        "runs it once per unique image into a cold feature cache and then fits the head on features. "
+        "Both start from the same seed, but the fused model draws its dropout masks and shuffles from "
+        "a different random stream than the head alone, so the two trained heads are close, not "
+        "identical: the last two columns say how close on the test images."
+    )
+    write_section("Training speed", body)
+
+
+if __name__ == "__main__":
+    main()
