@@ -185,14 +185,18 @@ def _log_params(run_id: str, config: TrainConfig, manifest: Manifest, split: Spl
 
 
 def _log_dataset(manifest: Manifest, source: str) -> None:
+    import warnings
+
     import mlflow
 
     frame = manifest.to_frame()
-    dataset = mlflow.data.from_pandas(
-        frame, source=str(Path(source).resolve()), name=Path(source).name or "dataset",
-        digest=manifest.digest[:36],
-    )
-    mlflow.log_input(dataset, context="training")
+    with warnings.catch_warnings():  # MLflow's hints about source kinds and integer columns
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(
+            frame, source=str(Path(source).resolve()), name=Path(source).name or "dataset",
+            digest=manifest.digest[:36],
+        )
+        mlflow.log_input(dataset, context="training")
 
 
 def _log_artifacts(config, manifest, split, records, test_labels, test_probs, history) -> None:
