@@ -144,6 +144,7 @@ def run_study(
     import keras
     import mlflow
 
+    from ecg_mlflow.tracking_server import end_run_once, is_unreachable, unavailable_error
     from ecg_mlflow.train import run_name, train_and_log
 
     parent = mlflow.active_run()
@@ -181,6 +182,9 @@ def run_study(
                 mlflow.end_run(status="KILLED")
                 raise
             except Exception as exc:  # one failed pair must not lose the others
+                if is_unreachable(exc):  # ... but without a server no pair can succeed
+                    end_run_once("FAILED")
+                    raise unavailable_error(exc) from None
                 mlflow.end_run(status="FAILED")
                 failed.append((arch, seed, f"{type(exc).__name__}: {exc}"))
                 status.done += 1

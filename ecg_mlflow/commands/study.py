@@ -11,6 +11,7 @@ from ecg_mlflow.commands.options import parse_or_exit, stop_on_sigterm, train_op
 from ecg_mlflow.commands.tracking import EXPERIMENT_HELP, tracked_run
 from ecg_mlflow.config import ConfigError
 from ecg_mlflow.dataset import DatasetError
+from ecg_mlflow.tracking_server import TrackingServerUnavailable
 
 
 @click.command()
@@ -64,6 +65,8 @@ def study(archs: str, seeds: str, analyze: str, experiment: str, **raw: str) -> 
                 click.echo("analysis skipped: it compares exactly two backbones")
     except (ConfigError, DatasetError) as exc:
         raise click.BadParameter(str(exc)) from None
+    except TrackingServerUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         click.echo("interrupted: unfinished runs are marked KILLED; rerun the study to resume", err=True)
         sys.exit(130)

@@ -14,18 +14,31 @@ EXPERIMENT_HELP = f"MLflow experiment (default {names.DEFAULT_EXPERIMENT}; ignor
 @contextmanager
 def tracked_run(experiment: str, run_name: str, tags: dict[str, str]) -> Iterator:
     """The active run: the one `mlflow run` created (MLFLOW_RUN_ID), else a new run in
-    `experiment`. Ctrl-C or SIGTERM end it KILLED and an error FAILED, never RUNNING."""
+    `experiment`. Ctrl-C or SIGTERM end it KILLED and an error FAILED, never RUNNING; a
+    tracking server that stops answering raises TrackingServerUnavailable after a bounded
+    wait (see tracking_server.py)."""
     import mlflow
 
-    if not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(experiment)
-    run = mlflow.start_run(run_name=run_name, tags=tags)
+    from ecg_mlflow.tracking_server import bound_http_retries, end_run_once, is_unreachable, unavailable_error
+
+    bound_http_retries()
+    try:
+        if not os.environ.get("MLFLOW_RUN_ID"):
+            mlflow.set_experiment(experiment)
+        run = mlflow.start_run(run_name=run_name, tags=tags)
+    except Exception as exc:
+        if is_unreachable(exc):
+            raise unavailable_error(exc) from None
+        raise
     try:
         yield run
     except KeyboardInterrupt:
         mlflow.end_run(status="KILLED")
         raise
-    except BaseException:
+    except BaseException as exc:
+        if is_unreachable(exc):  # one quick try to end it FAILED, not another retry budget
+            end_run_once("FAILED")
+            raise unavailable_error(exc) from None
         mlflow.end_run(status="FAILED")
         raise
     else:

@@ -10,6 +10,7 @@ from ecg_mlflow.commands.options import parse_or_exit, stop_on_sigterm, train_op
 from ecg_mlflow.commands.tracking import EXPERIMENT_HELP, tracked_run
 from ecg_mlflow.config import ConfigError
 from ecg_mlflow.dataset import DatasetError
+from ecg_mlflow.tracking_server import TrackingServerUnavailable
 from ecg_mlflow import names
 
 
@@ -30,6 +31,8 @@ def train(experiment: str, **raw: str) -> None:
             train_and_log(config, manifest=manifest)
     except (ConfigError, DatasetError) as exc:
         raise click.BadParameter(str(exc)) from None
+    except TrackingServerUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         click.echo("interrupted: the run is marked KILLED; the feature cache stays consistent", err=True)
         sys.exit(130)
