@@ -4,7 +4,9 @@ An entry is addressed by the image's SHA-256 under a folder keyed by everything 
 changes the features (backbone, weights, preprocessing, Keras version). Each entry holds
 the float32 features followed by the SHA-256 of those bytes, is written to a temporary
 file and renamed into place (atomic), and is recomputed when its length or checksum is
-wrong, so a damaged entry is never trusted.
+wrong, so a damaged entry is never trusted. A process killed mid-write (SIGKILL, power
+loss) can leave a `.*.tmp` file behind: nothing ever reads one, and opening the cache
+removes those older than an hour (no write takes that long), so they cannot pile up.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ecg_mlflow.preprocess import load_pixels
 
 FEATURE_BATCH_SIZE = 8
 _CHECKSUM_BYTES = 32
+STALE_TMP_SECONDS = 3600
 CACHE_ENV = "ECG_MLFLOW_CACHE_DIR"
 
 
@@ -83,6 +86,7 @@ class FeatureCache:
         self.dim = get_spec(key.arch).feature_dim
         self.folder = Path(root) / key.arch / key.digest
         self.folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(self.folder)
         meta = self.folder / "key.json"
         if not meta.exists():
             _atomic_write(meta, json.dumps(key.fields(), indent=2, sort_keys=True).encode())
@@ -109,6 +113,22 @@ class FeatureCache:
         path = self.entry_path(sha256)
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, body + hashlib.sha256(body).digest())
+
+
+def remove_stale_tmp(folder: Path, max_age_s: float = STALE_TMP_SECONDS) -> int:
+    """Delete the temporary files of writes killed more than `max_age_s` ago; return how many.
+
+    A younger one may belong to a write in progress in another process, so it stays."""
+    cutoff = time.time() - max_age_s
+    removed = 0
+    for tmp in [*folder.glob(".*.tmp"), *folder.glob("*/.*.tmp")]:
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+        except FileNotFoundError:  # another process cleaned it first
+            pass
+    return removed
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
