@@ -19,6 +19,7 @@ from ecg_mlflow.commands.tracking import EXPERIMENT_HELP, tracked_run
 from ecg_mlflow.config import ConfigError
 from ecg_mlflow.dataset import DatasetError
 
+TAG_CREATED_STUDY = "ecg.tune.created_study"
 TUNE_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("n_trials", "30", "trials this worker runs"),
     ("timeout", "0", "stop starting trials after this many seconds (0 = no limit)"),
@@ -47,7 +48,7 @@ def tune_options(func: Callable) -> Callable:
 def tune(experiment: str, **raw: str) -> None:
     """Tune the head (layer widths, dropout, learning rate, batch size) with Optuna on the
     validation set; logs a parent run with a nested run per trial and best_head.json."""
-    from ecg_mlflow.tune import open_study, parse_tune_config, redact_storage
+    from ecg_mlflow.tune import TAG_TUNE_STUDY, open_study, parse_tune_config, redact_storage
 
     try:
         config = parse_tune_config(**raw)
@@ -60,8 +61,8 @@ def tune(experiment: str, **raw: str) -> None:
         # Bad data, storage or a study run with other settings fail before a run is opened.
         manifest = load_dataset(config.train.data)
         study, created = open_study(config, manifest.digest)
-        tags = {names.TAG_ROLE: names.ROLE_TUNE, "ecg.tune.study": config.study_name,
-                "ecg.tune.created_study": str(created).lower()}
+        tags = {names.TAG_ROLE: names.ROLE_TUNE, TAG_TUNE_STUDY: config.study_name,
+                TAG_CREATED_STUDY: str(created).lower()}
         with tracked_run(experiment, f"tune-{config.study_name}", tags):
             summary = tune_and_log(config, manifest, study=study)
     except (ConfigError, DatasetError) as exc:
@@ -130,7 +131,7 @@ def tune_and_log(config, manifest, *, study=None, progress: bool = True) -> Tune
 
     if study is None:
         study, created = tuning.open_study(config, manifest.digest)
-        mlflow.set_tag("ecg.tune.created_study", str(created).lower())
+        mlflow.set_tag(TAG_CREATED_STUDY, str(created).lower())
     ran: list[int] = []
     study.optimize(
         tracked_objective(config, data), n_trials=config.n_trials, timeout=config.timeout,
@@ -208,8 +209,10 @@ def _log_results(study, config, run_id: str, ran: list[int], cache) -> TuneSumma
 
     mine = [t for t in study.get_trials(deepcopy=False) if t.number in set(ran)]
     states = tuning.count_states(mine)
-    study_trials = len(study.get_trials(deepcopy=False))
-    metrics = {"worker_trials": len(ran), "study_trials": study_trials,
+    everything = study.get_trials(deepcopy=False)
+    study_trials = len(everything)
+    finished = sum(t.state.is_finished() for t in everything)  # what best_head.json has seen
+    metrics = {"worker_trials": len(ran), "study_trials": study_trials, "study_finished_trials": finished,
                **{f"worker_{s.lower()}": n for s, n in states.items()}}
     mlflow.log_dict({"study": study.study_name, "trials": sorted(ran)}, "worker_trials.json")
     mlflow.log_text(study.trials_dataframe().to_csv(index=False), tuning.ARTIFACT_TRIALS)
