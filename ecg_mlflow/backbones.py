@@ -8,6 +8,7 @@ the served model scales exactly as training did).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,18 @@ def build_feature_extractor(arch: str, weights: str, height: int, width: int):
     model = keras.Model(inputs, features, name=f"{arch}_features")
     model.trainable = False
     return model
+
+
+def shared_feature_extractor(arch: str, weights: str, height: int, width: int):
+    """One frozen extractor per configuration and process: a study builds each backbone
+    once, for its feature passes and for every model it assembles. Keyed by the weights'
+    identity too, so a weights file changed on disk is not served from memory."""
+    return _cached_extractor(arch, weights, weights_identity(weights), height, width)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_extractor(arch: str, weights: str, identity: str, height: int, width: int):
+    return build_feature_extractor(arch, weights, height, width)
 
 
 def _instantiate(builder: Callable, spec: BackboneSpec, weights: str, height: int, width: int, kwargs):

@@ -171,9 +171,9 @@ def extract_features(
             features[sha] = cached
     if missing:
         if build_extractor is None:
-            from ecg_mlflow.backbones import build_feature_extractor
+            from ecg_mlflow.backbones import shared_feature_extractor
 
-            extractor = build_feature_extractor(key.arch, key.weights, key.height, key.width)
+            extractor = shared_feature_extractor(key.arch, key.weights, key.height, key.width)
         else:
             extractor = build_extractor()
         for sha, vector in _run_backbone(extractor, missing, paths_by_sha, key, progress):

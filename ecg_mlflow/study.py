@@ -191,7 +191,6 @@ def run_study(
                 say(status.line(f"{name} FAILED: {type(exc).__name__}: {exc}"))
                 continue
             mlflow.end_run(status="FINISHED")
-            keras.backend.clear_session()
             trained.append(child.info.run_id)
             status.done += 1
             status.trained_seconds.append(time.perf_counter() - start)

@@ -224,9 +224,9 @@ def assemble_model(config: TrainConfig, head):
     backbone, pooling (one feature extractor) and the trained head."""
     import keras
 
-    from ecg_mlflow.backbones import build_feature_extractor
+    from ecg_mlflow.backbones import shared_feature_extractor
 
-    extractor = build_feature_extractor(config.arch, config.weights, config.image_height, config.image_width)
+    extractor = shared_feature_extractor(config.arch, config.weights, config.image_height, config.image_width)
     inputs = keras.Input(shape=(config.image_height, config.image_width, 3), name="image", dtype="float32")
     outputs = head(extractor(inputs))
     return keras.Model(inputs, outputs, name=f"ecg_{config.arch}")

@@ -113,7 +113,7 @@ def test_second_run_reads_the_cache_and_reproduces_the_seed(demo_set, tracking_u
     def no_backbone(*args, **kwargs):
         raise AssertionError("the backbone ran although every feature was cached")
 
-    monkeypatch.setattr(ecg_mlflow.backbones, "build_feature_extractor", no_backbone)
+    monkeypatch.setattr(ecg_mlflow.backbones, "shared_feature_extractor", no_backbone)
     with mlflow.start_run():
         second = train_and_log(config, progress=False)
     assert second.cache.misses == 0 and second.cache.hits == first.cache.misses
