@@ -16,11 +16,6 @@ from pathlib import Path
 
 import pytest
 
-if "infra_fixtures" not in sys.modules:
-    # tests/conftest.py does not register the plugin (yet): define the fixture here. Once it
-    # does, importing it here too would give this module a second session server.
-    from infra_fixtures import team_server  # noqa: F401
-
 from infra_fixtures import INFRA_LOCAL, SERVICES, parse_up_output, require_infra
 
 pytestmark = pytest.mark.infra

@@ -18,7 +18,6 @@ from ecg_mlflow import names
 from ecg_mlflow import tune as tuning
 from ecg_mlflow.config import HEAD_FIELDS, ConfigError
 from ecg_mlflow.head import HeadConfig
-from infra_fixtures import team_server  # noqa: F401  (session fixture: PostgreSQL + S3 + MLflow)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ECG_MLFLOW = str(Path(sys.executable).with_name("ecg-mlflow"))
