@@ -7,7 +7,6 @@ Reads only the run schema of DESIGN.md (`ecg_mlflow.names`): the study parent (t
 
 from __future__ import annotations
 
-import re
 import tempfile
 import warnings
 from collections import defaultdict
@@ -162,19 +161,12 @@ def study_archs(study_run: Run) -> tuple[str, str]:
 
 def parse_seed_spec(spec: str) -> tuple[int, ...] | None:
     """`"1-10"`, `"1,2,5"` or `"1-3,7"` -> seeds; None when the text is not of that form."""
-    seeds: list[int] = []
-    for part in spec.split(","):
-        part = part.strip()
-        if re.fullmatch(r"-?\d+", part):
-            seeds.append(int(part))
-        elif match := re.fullmatch(r"(\d+)\s*-\s*(\d+)", part):
-            low, high = int(match[1]), int(match[2])
-            if low > high:
-                return None
-            seeds.extend(range(low, high + 1))
-        else:
-            return None
-    return tuple(dict.fromkeys(seeds))
+    from ecg_mlflow.config import ConfigError, parse_seeds
+
+    try:
+        return parse_seeds(spec)
+    except ConfigError:
+        return None
 
 
 def _to_train_run(run: Run) -> TrainRun:

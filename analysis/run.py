@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from analysis import schema
-from analysis.gather import LATEST, StudyPairs, describe_runs, gather_study, load_predictions
+from analysis.gather import LATEST, StudyPairs, gather_study, load_predictions
 from analysis.stats import (
     DEFAULT_RESAMPLES,
     SUPPORTED_METRICS,

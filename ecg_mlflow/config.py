@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -120,6 +121,25 @@ def parse_dense_units(raw) -> tuple[int, ...]:
     if not 1 <= len(units) <= 4 or min(units) < 1:
         raise ConfigError(f"dense_units must be 1 to 4 positive integers like 1024,512; got {raw!r}")
     return units
+
+
+def parse_seeds(raw, *, name: str = "seeds", max_seeds: int = 1000) -> tuple[int, ...]:
+    """'1' -> (1,); '1,2,5' -> (1, 2, 5); '1-10' and mixed '1-3,7' work too. Sorted,
+    distinct, non-negative; the one parser of seed lists (study, tune, analysis, k8s)."""
+    seeds: list[int] = []
+    for part in (p.strip() for p in str(raw).split(",")):
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not match:
+            raise ConfigError(f"{name} must look like 1-10 or 1,2,5; got {raw!r}")
+        low, high = int(match[1]), int(match[2] or match[1])
+        if high < low:
+            raise ConfigError(f"{name}: range {part!r} runs backwards; write {high}-{low}")
+        seeds.extend(range(low, high + 1))
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{name} must be distinct; got {raw!r}")
+    if len(seeds) > max_seeds:
+        raise ConfigError(f"{name}: at most {max_seeds} seeds; got {len(seeds)}")
+    return tuple(sorted(seeds))
 
 
 def parse_weights(raw) -> str:

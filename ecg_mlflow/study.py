@@ -18,36 +18,13 @@ from typing import Callable, Sequence
 
 from ecg_mlflow import names
 from ecg_mlflow.backbones import BACKBONES
-from ecg_mlflow.config import ConfigError, TrainConfig
+from ecg_mlflow.config import ConfigError, TrainConfig, parse_seeds  # noqa: F401 (re-exported)
 from ecg_mlflow.dataset import Manifest
 
 TAG_STUDY_KEY = "ecg.study_key"
 TAG_SUPERSEDED_BY = "ecg.superseded_by"
 TAG_ADOPTED_FROM = "ecg.adopted_from"
 KEY_EXEMPT = frozenset({"arch", "seed", "data", "cache_dir"})
-MAX_SEEDS = 1000
-
-
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """'1-10' -> 1..10; '1,2,5' -> (1, 2, 5); mixed '1-3,7' works too. Sorted, unique."""
-    seeds: set[int] = set()
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                low, high = (int(x) for x in part.split("-", 1))
-                if high < low:
-                    raise ValueError
-                seeds.update(range(low, high + 1))
-            else:
-                seeds.add(int(part))
-        except ValueError:
-            raise ConfigError(f"seeds must look like 1-10 or 1,2,5; got {text!r}") from None
-    if not seeds or min(seeds) < 0 or len(seeds) > MAX_SEEDS:
-        raise ConfigError(f"seeds must name 1 to {MAX_SEEDS} non-negative seeds; got {text!r}")
-    return tuple(sorted(seeds))
 
 
 def parse_archs(text: str) -> tuple[str, ...]:
@@ -141,7 +118,6 @@ def run_study(
     progress: bool = True,
 ) -> StudyOutcome:
     """Train every missing (arch, seed) pair as a child of the ACTIVE run (the parent)."""
-    import keras
     import mlflow
 
     from ecg_mlflow.tracking_server import end_run_once, is_unreachable, unavailable_error

@@ -26,6 +26,7 @@ import numpy as np
 
 from ecg_mlflow import head as paper
 from ecg_mlflow.config import ConfigError, TrainConfig, parse_train_config
+from ecg_mlflow.config import parse_seeds as config_parse_seeds
 from ecg_mlflow.head import HeadConfig
 
 # Search space. 0 second-layer units means "no second dense layer".
@@ -99,22 +100,8 @@ class TuneConfig:
 
 
 def parse_seeds(raw) -> tuple[int, ...]:
-    """'1' -> (1,); '1,2,3' or '1-3' -> (1, 2, 3); distinct non-negative integers."""
-    text = str(raw).strip()
-    seeds: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
-        if not match:
-            raise ConfigError(f"seeds must look like 1 or 1,2,3 or 1-3; got {raw!r}")
-        low, high = int(match[1]), int(match[2] or match[1])
-        if high < low:
-            raise ConfigError(f"seeds: range {part!r} runs backwards; write {high}-{low}")
-        seeds.extend(range(low, high + 1))
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"seeds must be distinct; got {raw!r}")
-    if len(seeds) > MAX_SEEDS:
-        raise ConfigError(f"seeds: at most {MAX_SEEDS} seeds per trial; got {len(seeds)}")
-    return tuple(seeds)
+    """Seeds per trial: config.parse_seeds with the per-trial limit."""
+    return config_parse_seeds(raw, max_seeds=MAX_SEEDS)
 
 
 def check_storage(raw) -> str:

@@ -55,7 +55,7 @@ def test_real_analysis_refuses_when_not_significant_and_force_promotes(study):
     assert refused.exit_code == 1
     assert "not promoting" in refused.output and "no significant difference in accuracy" in refused.output
     assert analysis_id in refused.output and "--force" in refused.output
-    assert MlflowClient().search_registered_models(f"name = 'real-analysis'") == []
+    assert MlflowClient().search_registered_models("name = 'real-analysis'") == []
 
     forced = _promote(built, "--model-name", "real-analysis", "--analysis-run", analysis_id, "--force", "true")
     assert forced.exit_code == 0, forced.output

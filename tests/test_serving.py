@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from PIL import Image
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -52,31 +51,24 @@ class GridCell:
 
 def parse_archs(raw: str) -> tuple[str, ...]:
     """`"resnet50,efficientnetv2s"` -> names, checked against the backbone registry."""
-    from ecg_mlflow.backbones import BACKBONES
+    from ecg_mlflow.config import ConfigError
+    from ecg_mlflow.study import parse_archs as project_parse_archs
 
-    archs = tuple(dict.fromkeys(a.strip() for a in raw.split(",") if a.strip()))
-    if not archs:
-        raise GridError("--archs: give at least one backbone, e.g. resnet50,efficientnetv2s")
-    unknown = [a for a in archs if a not in BACKBONES]
-    if unknown:
-        raise GridError(f"--archs: unknown backbone(s) {', '.join(unknown)}; choose from {', '.join(BACKBONES)}")
-    return archs
+    try:
+        return project_parse_archs(raw)
+    except ConfigError as exc:
+        raise GridError(f"--{exc}") from None
 
 
 def parse_seeds(raw: str) -> tuple[int, ...]:
-    """`"1-10"`, `"1,2,5"` or `"1-3,7"` -> sorted distinct seeds."""
-    seeds: set[int] = set()
-    for part in (p.strip() for p in raw.split(",")):
-        if re.fullmatch(r"\d+", part):
-            seeds.add(int(part))
-        elif match := re.fullmatch(r"(\d+)\s*-\s*(\d+)", part):
-            low, high = int(match[1]), int(match[2])
-            if low > high:
-                raise GridError(f"--seeds: range {part!r} runs backwards")
-            seeds.update(range(low, high + 1))
-        else:
-            raise GridError(f"--seeds: {part!r} is not a seed or a range like 1-10 (in {raw!r})")
-    return tuple(sorted(seeds))
+    """`"1-10"`, `"1,2,5"` or `"1-3,7"` -> sorted distinct seeds (the project's parser)."""
+    from ecg_mlflow.config import ConfigError
+    from ecg_mlflow.config import parse_seeds as project_parse_seeds
+
+    try:
+        return project_parse_seeds(raw, name="--seeds")
+    except ConfigError as exc:
+        raise GridError(str(exc)) from None
 
 
 def entry_point_parameters() -> tuple[str, ...]:
