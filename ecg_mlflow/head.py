@@ -70,12 +70,14 @@ def train_head(
     *,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     extra_callbacks: Sequence = (),
+    shuffle: bool = True,
 ):
     """Fit the head as the paper did: Adam, categorical cross-entropy, early stopping on
     validation loss with the best weights restored. Same seed and data, same weights.
 
     Returns the trained Keras head and its HeadHistory. `on_epoch_end(epoch, logs)` is
     called with 1-based epochs (used to log curves and to prune Optuna trials).
+    `shuffle=False` only serves benchmarks that compare against a fused model.
     """
     import keras
     import tensorflow as tf
@@ -104,7 +106,7 @@ def train_head(
         validation_data=(x_val, y_val),
         batch_size=config.batch_size,
         epochs=config.max_epochs,
-        shuffle=True,
+        shuffle=shuffle,
         callbacks=callbacks,
         verbose=0,
     )
