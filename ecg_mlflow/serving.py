@@ -233,7 +233,7 @@ def log_serving_model(source_run_id: str, *, name: str = SERVING_MODEL_NAME):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from ecg_mlflow.train import pinned_requirements
+    from ecg_mlflow.whole_model import pinned_requirements
 
     if mlflow.active_run() is None:
         raise RuntimeError("log_serving_model needs an active MLflow run")

@@ -19,7 +19,6 @@ from ecg_mlflow.dataset import ImageRecord, Manifest, build_manifest
 from ecg_mlflow.features import CacheStats, FeatureKey, default_cache_dir, extract_features
 from ecg_mlflow.splits import Leakage, Split, make_split, measure_leakage
 
-EQUALITY_TOLERANCE = 1e-5
 EQUALITY_SAMPLES = 4
 
 
@@ -109,8 +108,11 @@ def train_and_log(
     max_diff = None
     if config.log_model:
         test_sample = list(split.test[:EQUALITY_SAMPLES])
-        max_diff = _log_full_model(config, head, [manifest.path_of(records[p]) for p in test_sample],
-                                   data.features_of(test_sample), progress)
+        from ecg_mlflow.whole_model import log_whole_model
+
+        max_diff = log_whole_model(config, head, [manifest.path_of(records[p]) for p in test_sample],
+                                   data.features_of(test_sample),
+                                   lambda message: _say(progress, f"{run_name(config)}: {message}"))
     _say(progress, f"{run_name(config)}: test accuracy {metrics['test_accuracy']:.3f}, "
                    f"macro F1 {metrics['test_f1_macro']:.3f} (run {run.info.run_id})")
     return TrainResult(run.info.run_id, metrics, split, leakage, cache, max_diff)
@@ -217,68 +219,3 @@ def _log_artifacts(config, manifest, split, records, test_labels, test_probs, hi
         mlflow.log_figure(figure, artifact)
         plt.close(figure)
     mlflow.log_text(split.to_frame(manifest).to_csv(index=False), names.ARTIFACT_SPLIT)
-
-
-def assemble_model(config: TrainConfig, head):
-    """The whole model, RGB 0..255 in, class probabilities out: input scaling, frozen
-    backbone, pooling (one feature extractor) and the trained head."""
-    import keras
-
-    from ecg_mlflow.backbones import shared_feature_extractor
-
-    extractor = shared_feature_extractor(config.arch, config.weights, config.image_height, config.image_width)
-    inputs = keras.Input(shape=(config.image_height, config.image_width, 3), name="image", dtype="float32")
-    outputs = head(extractor(inputs))
-    return keras.Model(inputs, outputs, name=f"ecg_{config.arch}")
-
-
-def check_model_matches_head(model, head, pixels: np.ndarray, features: np.ndarray) -> float:
-    """Max abs difference between the whole model on images and the head on cached
-    features; above EQUALITY_TOLERANCE the model would not be the one that was evaluated."""
-    whole = np.asarray(model.predict(pixels, verbose=0))
-    cached = np.asarray(head.predict(features, verbose=0))
-    diff = float(np.abs(whole - cached).max())
-    if diff > EQUALITY_TOLERANCE:
-        raise RuntimeError(
-            f"the assembled model disagrees with the trained head on cached features "
-            f"(max abs difference {diff:.2e} > {EQUALITY_TOLERANCE:.0e}); the feature cache "
-            "may be stale: clear it and rerun"
-        )
-    return diff
-
-
-def model_signature(height: int, width: int):
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, height, width, 3), "image")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 4), "probabilities")]),
-    )
-
-
-def pinned_requirements(*packages: str) -> list[str]:
-    """`name==version` of installed packages, so MLflow skips slow requirement inference."""
-    from importlib.metadata import version
-
-    return [f"{p}=={version(p)}" for p in packages]
-
-
-def _log_full_model(config: TrainConfig, head, image_paths, features, progress: bool) -> float:
-    import mlflow
-
-    from ecg_mlflow.preprocess import load_pixels
-
-    model = assemble_model(config, head)
-    pixels = np.stack([load_pixels(p, config.image_height, config.image_width, config.crop)
-                       for p in image_paths]).astype(np.float32)
-    diff = check_model_matches_head(model, head, pixels, features)
-    mlflow.log_metric("model_max_abs_diff", diff)
-    _say(progress, f"{run_name(config)}: whole model equals head on cached features (max abs diff {diff:.1e}); logging it")
-    mlflow.keras.log_model(
-        model,
-        name=names.MODEL_ARTIFACT,
-        signature=model_signature(config.image_height, config.image_width),
-        pip_requirements=pinned_requirements("mlflow", "keras", "tensorflow-cpu"),
-    )
-    return diff

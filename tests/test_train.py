@@ -23,7 +23,8 @@ from ecg_mlflow.config import parse_train_config
 from ecg_mlflow.features import FeatureCache, FeatureKey
 from ecg_mlflow.preprocess import load_pixels
 from ecg_mlflow.synth import write_synthetic_dataset
-from ecg_mlflow.train import assemble_model, check_model_matches_head, train_and_log
+from ecg_mlflow.train import train_and_log
+from ecg_mlflow.whole_model import assemble_model, check_model_matches_head
 
 from conftest import PROJECT_ROOT
 
