@@ -12,10 +12,11 @@ from ecg_mlflow.config import ConfigError
 from ecg_mlflow.dataset import DatasetError
 from ecg_mlflow.tracking_server import TrackingServerUnavailable
 from ecg_mlflow import names
+from ecg_mlflow.backbones import BACKBONES
 
 
 @click.command()
-@click.option("--arch", default="resnet50", show_default=True, help="backbone name (see `ecg-mlflow backbones`)")
+@click.option("--arch", default="resnet50", show_default=True, help=f"backbone: {', '.join(BACKBONES)}")
 @click.option("--seed", default="1", show_default=True, help="run seed: validation draw and head initialisation")
 @train_options
 @click.option("--experiment", default=names.DEFAULT_EXPERIMENT, help=EXPERIMENT_HELP)
