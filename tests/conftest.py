@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,31 @@ def real_originals() -> Path:
     if not REAL_ORIGINALS.is_dir():
         pytest.skip(f"original sample not found at {REAL_ORIGINALS} (it is always present in CI)")
     return REAL_ORIGINALS
+
+
+_MLFLOW_CONTEXT_VARS = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+
+
+def _forget_mlflow_context() -> None:
+    """`mlflow.set_experiment` writes MLFLOW_EXPERIMENT_ID into os.environ and a module
+    global; left over, they point the next test (and its `mlflow run` subprocesses) at an
+    experiment of another store."""
+    import mlflow
+    from mlflow.tracking import fluent
+
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    for name in _MLFLOW_CONTEXT_VARS:
+        os.environ.pop(name, None)
+    fluent._active_experiment_id = None
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow_context():
+    """Every test starts and ends without an active experiment or run."""
+    _forget_mlflow_context()
+    yield
+    _forget_mlflow_context()
 
 
 @pytest.fixture()
