@@ -250,3 +250,21 @@ def test_sigterm_ends_the_run_killed_and_leaves_the_cache_sound(demo_set, tracki
     entries = list(cache.folder.rglob("*.f32"))
     assert entries and all(cache.load(p.stem) is not None for p in entries)
     assert not list(cache_dir.rglob("*.tmp"))
+
+
+def test_cached_features_are_exactly_what_the_logged_model_computes(demo_set, tmp_path):
+    """The cache is filled in graph mode, as Keras' predict runs the logged model; eager
+    calls round differently and broke the 1e-5 check on EfficientNetV2-S at 512 x 1024."""
+    from ecg_mlflow.dataset import build_manifest
+    from ecg_mlflow.features import extract_features
+    from ecg_mlflow.head import build_head
+
+    manifest = build_manifest(demo_set)
+    records = manifest.records[:4]
+    key = FeatureKey("efficientnetv2s", "none", 96, 128, "none")
+    features, _ = extract_features({r.sha256: manifest.path_of(r) for r in records}, key, tmp_path)
+    config = parse_train_config(arch="efficientnetv2s", weights="none", image_height="96", image_width="128")
+    head = build_head(1280, (16,), 0.2)
+    pixels = np.stack([load_pixels(manifest.path_of(r), 96, 128) for r in records]).astype(np.float32)
+    cached = np.stack([features[r.sha256] for r in records])
+    assert check_model_matches_head(assemble_model(config, head), head, pixels, cached) == 0.0
