@@ -102,7 +102,7 @@ def _choice(name: str, raw, choices) -> str:
     return value
 
 
-def _bool(name: str, raw) -> bool:
+def parse_bool(name: str, raw) -> bool:
     value = str(raw).strip().lower()
     if value in ("true", "1", "yes"):
         return True
@@ -195,7 +195,7 @@ def parse_train_config(**raw) -> TrainConfig:
         value = str(values["head_config"]).strip()
         parsed["head_config"] = "" if value.lower() == "none" else value
     if "log_model" in values:
-        parsed["log_model"] = _bool("log_model", values["log_model"])
+        parsed["log_model"] = parse_bool("log_model", values["log_model"])
     config = TrainConfig(**parsed)
     try:
         check_image_size(config.arch, config.image_height, config.image_width)

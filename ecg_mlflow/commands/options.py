@@ -7,7 +7,9 @@ the parameter in its one-line error; the same parser serves MLflow's string para
 from __future__ import annotations
 
 import signal
-from typing import Callable
+import sys
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import click
 
@@ -59,3 +61,21 @@ def stop_on_sigterm() -> None:
         raise Terminated(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
+
+
+@contextmanager
+def reported_errors(interrupted: str) -> Iterator[None]:
+    """One clear line for what the user can fix: bad parameters or data (usage error, exit
+    2), an unreachable tracking server (exit 1), Ctrl-C/SIGTERM (`interrupted`, exit 130)."""
+    from ecg_mlflow.dataset import DatasetError
+    from ecg_mlflow.tracking_server import TrackingServerUnavailable
+
+    try:
+        yield
+    except (ConfigError, DatasetError) as exc:
+        raise click.BadParameter(str(exc)) from None
+    except TrackingServerUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: {interrupted}", err=True)
+        sys.exit(130)

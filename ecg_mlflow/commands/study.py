@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from ecg_mlflow import names
-from ecg_mlflow.commands.options import parse_or_exit, stop_on_sigterm, train_options
+from ecg_mlflow.commands.options import parse_or_exit, reported_errors, stop_on_sigterm, train_options
 from ecg_mlflow.commands.tracking import EXPERIMENT_HELP, tracked_run
 from ecg_mlflow.config import ConfigError
-from ecg_mlflow.dataset import DatasetError
-from ecg_mlflow.tracking_server import TrackingServerUnavailable
 
 
 @click.command()
@@ -25,11 +21,11 @@ from ecg_mlflow.tracking_server import TrackingServerUnavailable
 def study(archs: str, seeds: str, analyze: str, experiment: str, **raw: str) -> None:
     """Train every (arch, seed) pair as child runs of one study run; resumable."""
     from ecg_mlflow.study import parse_archs, parse_seeds
-    from ecg_mlflow.config import _bool
+    from ecg_mlflow.config import parse_bool
 
     try:
         arch_list, seed_list = parse_archs(archs), parse_seeds(seeds)
-        then_analyze = _bool("analyze", analyze)
+        then_analyze = parse_bool("analyze", analyze)
     except ConfigError as exc:
         raise click.BadParameter(str(exc)) from None
     base = parse_or_exit(arch=arch_list[0], seed="0", **raw)
@@ -39,7 +35,7 @@ def study(archs: str, seeds: str, analyze: str, experiment: str, **raw: str) -> 
     from ecg_mlflow.study import run_study
     from ecg_mlflow.train import load_dataset
 
-    try:
+    with reported_errors("unfinished runs are marked KILLED; rerun the study to resume"):
         manifest = load_dataset(base.data)
         name = f"study-{'-vs-'.join(arch_list)}"
         with tracked_run(experiment, name, {names.TAG_ROLE: names.ROLE_STUDY}) as parent:
@@ -53,20 +49,10 @@ def study(archs: str, seeds: str, analyze: str, experiment: str, **raw: str) -> 
                     f"{len(outcome.failed)} run(s) failed; rerun the same study to retry only those"
                 )
             if then_analyze and len(arch_list) == 2:
-                from analysis.cli import analyze_and_report
+                from analysis.cli import DEFAULT_METRICS, analyze_and_report
                 from analysis.run import parse_metrics
 
                 experiment_name = mlflow.get_experiment(parent.info.experiment_id).name
-                analyze_and_report(
-                    experiment_name, parent.info.run_id,
-                    parse_metrics("accuracy,precision_macro,recall_macro,f1_macro"), 0.05,
-                )
+                analyze_and_report(experiment_name, parent.info.run_id, parse_metrics(DEFAULT_METRICS), 0.05)
             elif then_analyze:
                 click.echo("analysis skipped: it compares exactly two backbones")
-    except (ConfigError, DatasetError) as exc:
-        raise click.BadParameter(str(exc)) from None
-    except TrackingServerUnavailable as exc:
-        raise click.ClickException(str(exc)) from None
-    except KeyboardInterrupt:
-        click.echo("interrupted: unfinished runs are marked KILLED; rerun the study to resume", err=True)
-        sys.exit(130)

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from ecg_mlflow.commands.options import parse_or_exit, stop_on_sigterm, train_options
+from ecg_mlflow.commands.options import parse_or_exit, reported_errors, stop_on_sigterm, train_options
 from ecg_mlflow.commands.tracking import EXPERIMENT_HELP, tracked_run
-from ecg_mlflow.config import ConfigError
-from ecg_mlflow.dataset import DatasetError
-from ecg_mlflow.tracking_server import TrackingServerUnavailable
 from ecg_mlflow import names
 from ecg_mlflow.backbones import BACKBONES
 
@@ -26,14 +21,7 @@ def train(experiment: str, **raw: str) -> None:
     stop_on_sigterm()
     from ecg_mlflow.train import load_dataset, run_name, train_and_log
 
-    try:
+    with reported_errors("the run is marked KILLED; the feature cache stays consistent"):
         manifest = load_dataset(config.data)  # bad data fails before a run is opened
         with tracked_run(experiment, run_name(config), {names.TAG_ROLE: names.ROLE_TRAIN}):
             train_and_log(config, manifest=manifest)
-    except (ConfigError, DatasetError) as exc:
-        raise click.BadParameter(str(exc)) from None
-    except TrackingServerUnavailable as exc:
-        raise click.ClickException(str(exc)) from None
-    except KeyboardInterrupt:
-        click.echo("interrupted: the run is marked KILLED; the feature cache stays consistent", err=True)
-        sys.exit(130)
