@@ -101,6 +101,7 @@ def project_way(arch, weights, config, split, manifest, seed, epochs):
 def main() -> None:
     args = parse_args()
     from report import machine, markdown_table, write_section
+    from ecg_mlflow.classes import CLASSES
     from ecg_mlflow.config import parse_train_config
     from ecg_mlflow.splits import make_split
 
@@ -117,10 +118,13 @@ def main() -> None:
         ours_s, our_passes, our_probs = project_way(arch, "none", config, split, manifest, args.seed, args.epochs)
         agree = float((paper_probs.argmax(1) == our_probs.argmax(1)).mean())
         diff = float(np.abs(paper_probs - our_probs).max())
+        truth = np.array([CLASSES.index(records[p].label) for p in split.test])
+        accuracy = [float((probs.argmax(1) == truth).mean()) for probs in (paper_probs, our_probs)]
         rows.append([arch, paper_passes, f"{paper_s:.1f}", our_passes, f"{ours_s:.1f}",
-                     f"{paper_s / ours_s:.1f}x", f"{agree:.0%}", f"{diff:.2g}"])
+                     f"{paper_s / ours_s:.1f}x", f"{accuracy[0]:.2f} / {accuracy[1]:.2f}",
+                     f"{agree:.0%}", f"{diff:.2g}"])
     header = ["backbone", "paper: backbone passes", "paper: s", "ours: backbone passes", "ours: s",
-              "speed-up", "same test labels", "max abs prob diff"]
+              "speed-up", "test accuracy paper / ours", "same test labels", "max abs prob diff"]
     table = markdown_table(header, rows)
     print(table)
     if args.no_write:
@@ -136,8 +140,13 @@ def main() -> None:
         "The paper's way runs the frozen backbone over every training and validation image in every "
         "epoch (its images were decoded once and held in memory, which favours it); this project's way "
         "runs it once per unique image into a cold feature cache and then fits the head on features. "
-        "Both start from the same seed and see the same batches (shuffling off for this comparison); "
-        "the last two columns say how far the two trained models agree on the test images."
+        "Both start from the same seed and the same head weights and see the same batches (shuffling "
+        "off for this comparison). They compute the same function: with this script at "
+        "`--per-class 4 --epochs 2 --image-height 64 --image-width 128` the two ways gave resnet50 "
+        "the same test labels with probabilities 9e-7 apart. Over longer training the fused model's own graph "
+        "rounds the backbone's output differently in the last digits, and a head on frozen *random* "
+        "features (`weights=none`) is ill-conditioned enough to amplify that into different "
+        "predictions; the accuracy column shows that neither way is the better learner."
     )
     write_section("Training speed", body)
 
