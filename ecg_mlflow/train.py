@@ -198,7 +198,24 @@ def _log_dataset(manifest: Manifest, source: str) -> None:
             frame, source=str(Path(source).resolve()), name=Path(source).name or "dataset",
             digest=manifest.digest[:36],
         )
-        mlflow.log_input(dataset, context="training")
+        _log_input_once_stored(dataset)
+
+
+def _log_input_once_stored(dataset, attempts: int = 4) -> None:
+    """mlflow.log_input, retried when a concurrent run inserted the same dataset first: the
+    MLflow server answers that race with a unique-key error, and the retry finds the row."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context="training")
+            return
+        except MlflowException as exc:
+            duplicate = "UniqueViolation" in str(exc) or "UNIQUE constraint" in str(exc)
+            if not duplicate or attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def _log_artifacts(config, manifest, split, records, test_labels, test_probs, history) -> None:

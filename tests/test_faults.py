@@ -82,6 +82,19 @@ def finished_pairs(client, experiment_id: str, parent_id: str) -> set[str]:
     return {r.info.run_name for r in study_children(client, experiment_id, parent_id) if r.info.status == "FINISHED"}
 
 
+@pytest.fixture(scope="module")
+def team_server():
+    """A team server of this module's own: these tests stop and restart its parts, and the
+    session's shared server (and the study cached on it) must not see that."""
+    from infra_fixtures import start_team_server
+
+    server = start_team_server()
+    try:
+        yield server
+    finally:
+        server.down()
+
+
 def rerun_study(team_server, data: Path, cache: Path, experiment: str):
     """Run the same study again to completion; return (new parent run, its children)."""
     again = run_client(study_command(data, cache, experiment, *QUICK), team_server)
