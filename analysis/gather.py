@@ -94,10 +94,6 @@ def _warn(message: str, collected: list[str]) -> None:
     warnings.warn(message, AnalysisWarning, stacklevel=3)
 
 
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "\\'") + "'"
-
-
 def find_experiment_id(client: MlflowClient, experiment: str) -> str:
     """The id of the experiment named `experiment`; StudyNotFound lists the ones that exist."""
     found = client.get_experiment_by_name(experiment)
@@ -117,7 +113,7 @@ def find_study_run(client: MlflowClient, experiment_id: str, study: str) -> Run:
     if study == LATEST:
         found = client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{names.TAG_ROLE}` = {_quote(names.ROLE_STUDY)}",
+            filter_string=f"tags.`{names.TAG_ROLE}` = {names.filter_quote(names.ROLE_STUDY)}",
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
@@ -262,7 +258,7 @@ def gather_study(client: MlflowClient, experiment: str = names.DEFAULT_EXPERIMEN
     children = _search_all(
         client,
         experiment_id,
-        f"tags.`{names.TAG_ROLE}` = {_quote(names.ROLE_TRAIN)} and tags.`{names.TAG_STUDY}` = {_quote(study_id)}",
+        f"tags.`{names.TAG_ROLE}` = {names.filter_quote(names.ROLE_TRAIN)} and tags.`{names.TAG_STUDY}` = {names.filter_quote(study_id)}",
     )
     finished = [r for r in children if r.info.status == "FINISHED"]
     if len(finished) < len(children):

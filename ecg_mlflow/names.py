@@ -80,6 +80,11 @@ TRAIN_RUN_METRICS: tuple[str, ...] = (
     )
 )
 
+def filter_quote(value: str) -> str:
+    """A value as a quoted literal of an MLflow search filter (`tags.x = 'value'`)."""
+    return "'" + str(value).replace("'", "\\'") + "'"
+
+
 # Artifacts of a train run
 ARTIFACT_PREDICTIONS = "test_predictions.csv"
 ARTIFACT_CONFUSION_PNG = "confusion_matrix.png"

@@ -102,26 +102,21 @@ def parse_model_name(raw: str) -> str:
     return name
 
 
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "\\'") + "'"
-
-
 def find_analysis_run(client: MlflowClient, experiment: str, analysis_run: str = LATEST) -> Run:
     """The newest finished analysis run of `experiment`, or the run `analysis_run` (checked)."""
     from mlflow.exceptions import MlflowException
 
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        known = sorted(e.name for e in client.search_experiments())
-        raise PromotionError(
-            f"experiment: unknown experiment {experiment!r}; experiments in this tracking store: "
-            f"{', '.join(known) or '(none)'}"
-        )
+    from analysis.gather import StudyNotFound, find_experiment_id
+
+    try:
+        experiment_id = find_experiment_id(client, experiment)
+    except StudyNotFound as exc:
+        raise PromotionError(f"experiment: {exc}") from None
     analysis_run = str(analysis_run).strip()
     if analysis_run == LATEST:
         runs = client.search_runs(
-            [found.experiment_id],
-            filter_string=f"tags.`{names.TAG_ROLE}` = {_quote(names.ROLE_ANALYSIS)} "
+            [experiment_id],
+            filter_string=f"tags.`{names.TAG_ROLE}` = {names.filter_quote(names.ROLE_ANALYSIS)} "
                           "and attributes.status = 'FINISHED'",
             order_by=["attributes.start_time DESC"],
             max_results=1,
@@ -142,10 +137,10 @@ def find_analysis_run(client: MlflowClient, experiment: str, analysis_run: str =
             f"analysis_run: run {analysis_run} is not an analysis run (tag {names.TAG_ROLE} is "
             f"{role!r}, expected {names.ROLE_ANALYSIS!r})"
         )
-    if run.info.experiment_id != found.experiment_id:
+    if run.info.experiment_id != experiment_id:
         raise PromotionError(
             f"analysis_run: run {analysis_run} belongs to experiment id {run.info.experiment_id}, "
-            f"not to {experiment!r} (id {found.experiment_id})"
+            f"not to {experiment!r} (id {experiment_id})"
         )
     if run.info.status != "FINISHED":
         raise PromotionError(f"analysis_run: run {analysis_run} is {run.info.status}, not FINISHED")
@@ -189,9 +184,9 @@ def select_source_run(client: MlflowClient, experiment_id: str, study_run_id: st
     lower validation loss, then the earlier run); also how many runs competed."""
     val_key = names.split_metric("val", metric)
     filter_string = (
-        f"tags.`{names.TAG_ROLE}` = {_quote(names.ROLE_TRAIN)} and "
-        f"tags.`{names.TAG_STUDY}` = {_quote(study_run_id)} and "
-        f"params.arch = {_quote(arch)} and attributes.status = 'FINISHED'"
+        f"tags.`{names.TAG_ROLE}` = {names.filter_quote(names.ROLE_TRAIN)} and "
+        f"tags.`{names.TAG_STUDY}` = {names.filter_quote(study_run_id)} and "
+        f"params.arch = {names.filter_quote(arch)} and attributes.status = 'FINISHED'"
     )
     runs = []
     token = None
@@ -226,7 +221,7 @@ def existing_version(client: MlflowClient, model_name: str, source_run_id: str) 
     from mlflow.exceptions import MlflowException
 
     try:
-        versions = client.search_model_versions(f"name = {_quote(model_name)}")
+        versions = client.search_model_versions(f"name = {names.filter_quote(model_name)}")
     except MlflowException:
         return None
     found = [v.version for v in versions if v.tags.get(TAG_SOURCE_RUN) == source_run_id]

@@ -74,7 +74,8 @@ def _earlier_finished_runs(client, experiment_id: str, key: str, parent_id: str)
     """Latest FINISHED train run per (arch, seed) under earlier parents with this key."""
     parents = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`{TAG_STUDY_KEY}` = '{key}' and tags.`{names.TAG_ROLE}` = '{names.ROLE_STUDY}'",
+        filter_string=(f"tags.`{TAG_STUDY_KEY}` = {names.filter_quote(key)} and "
+                       f"tags.`{names.TAG_ROLE}` = {names.filter_quote(names.ROLE_STUDY)}"),
         max_results=1000,
     )
     found: dict[tuple[str, int], object] = {}
@@ -84,8 +85,8 @@ def _earlier_finished_runs(client, experiment_id: str, key: str, parent_id: str)
         children = client.search_runs(
             [experiment_id],
             filter_string=(
-                f"tags.`{names.TAG_STUDY}` = '{parent.info.run_id}' and "
-                f"tags.`{names.TAG_ROLE}` = '{names.ROLE_TRAIN}' and attributes.status = 'FINISHED'"
+                f"tags.`{names.TAG_STUDY}` = {names.filter_quote(parent.info.run_id)} and "
+                f"tags.`{names.TAG_ROLE}` = {names.filter_quote(names.ROLE_TRAIN)} and attributes.status = 'FINISHED'"
             ),
             max_results=5000,
         )

@@ -171,13 +171,25 @@ def server_env(tracking_uri: str) -> dict[str, str]:
     return env
 
 
+def stop_process_group(process: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM to the group a server was started in (start_new_session=True), SIGKILL if it
+    does not exit within `timeout`: `mlflow models serve` runs its workers as children."""
+    import signal
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
 @contextmanager
 def model_server(model_uri: str, tracking_uri: str, log: Path, *, workers: int | None = None,
                  startup_timeout: float = 240.0) -> Iterator[ModelServer]:
     """`mlflow models serve -m MODEL_URI --env-manager local` on a free loopback port; waits
     for /ping, yields, then stops the whole process group it started."""
-    import signal
-
     port = free_port()
     command = ["mlflow", "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port),
                "--env-manager", "local"]
@@ -202,10 +214,4 @@ def model_server(model_uri: str, tracking_uri: str, log: Path, *, workers: int |
             time.sleep(0.5)
         yield server
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+        stop_process_group(process, timeout=20)

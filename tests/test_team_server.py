@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -117,7 +115,7 @@ def listening_addresses(port: int) -> set[str]:
 
 
 def test_promote_then_serve_the_champion_from_the_registry(team_server, base, real_originals, tmp_path):
-    from serving_fixtures import free_port
+    from serving_fixtures import free_port, stop_process_group
 
     study = team_study(team_server, base)
     # two seeds of random backbones are never significant: --force promotes the better mean
@@ -157,10 +155,4 @@ def test_promote_then_serve_the_champion_from_the_registry(team_server, base, re
         assert prediction["label"] in CLASSES
         assert sum(prediction[c] for c in names.PROB_COLUMNS) == pytest.approx(1.0, abs=1e-5)
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=10)
+        stop_process_group(server)
