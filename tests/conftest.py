@@ -69,4 +69,4 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     mlflow.set_tracking_uri(None)
 
 
-from infra_fixtures import team_server  # noqa: E402,F401  (PostgreSQL + S3 + MLflow server, session-wide)
+from infra_fixtures import private_team_server, team_server  # noqa: E402,F401  (PostgreSQL + S3 + MLflow server)

@@ -1,6 +1,6 @@
 """Pytest plugin: a real team tracking server (PostgreSQL 15 + moto S3 + MLflow) for a session.
 
-Register it in tests/conftest.py with `from infra_fixtures import team_server  # noqa: F401`.
+Register it in tests/conftest.py with `from infra_fixtures import team_server, private_team_server`.
 The fixture starts `infra/local/up` in a fresh state folder, yields a `TeamServer` that tells
 clients where everything is and lets fault tests stop, start and restart one service, and runs
 `infra/local/down --purge` at the end. Where PostgreSQL 15 is not installed it skips, unless
@@ -144,6 +144,18 @@ def start_team_server() -> TeamServer:
 @pytest.fixture(scope="session")
 def team_server():
     """A running local team server for the whole session; torn down (and purged) at the end."""
+    server = start_team_server()
+    try:
+        yield server
+    finally:
+        server.down()
+
+
+@pytest.fixture(scope="module")
+def private_team_server():
+    """A team server of one test module's own, for tests that stop, restart or take down its
+    parts: moto keeps objects in memory, so a `down`/`up` of the shared server would empty the
+    bucket under every later module's runs (the study cached in tests/team_study.py)."""
     server = start_team_server()
     try:
         yield server

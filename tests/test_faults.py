@@ -82,17 +82,10 @@ def finished_pairs(client, experiment_id: str, parent_id: str) -> set[str]:
     return {r.info.run_name for r in study_children(client, experiment_id, parent_id) if r.info.status == "FINISHED"}
 
 
-@pytest.fixture(scope="module")
-def team_server():
-    """A team server of this module's own: these tests stop and restart its parts, and the
-    session's shared server (and the study cached on it) must not see that."""
-    from infra_fixtures import start_team_server
-
-    server = start_team_server()
-    try:
-        yield server
-    finally:
-        server.down()
+@pytest.fixture
+def team_server(private_team_server):
+    """These tests stop and restart the server's parts: they get a server of their own."""
+    return private_team_server
 
 
 def rerun_study(team_server, data: Path, cache: Path, experiment: str):

@@ -1,7 +1,7 @@
 """infra/local really starts PostgreSQL 15, moto's S3 server and MLflow, and stops them.
 
-One session server (tests/infra_fixtures.py) serves every test here; the tests that stop
-services bring them back, so later modules can keep using it.
+The tests that only look use the session's shared server; the tests that stop, restart or take
+down services use this module's own (`private_team_server`), so the shared bucket keeps its objects.
 """
 
 from __future__ import annotations
@@ -114,48 +114,48 @@ def test_up_again_is_idempotent(team_server):
     assert pids(team_server) == before
 
 
-def test_restart_postgres_keeps_the_address_and_the_server_recovers(team_server, tmp_path):
+def test_restart_postgres_keeps_the_address_and_the_server_recovers(private_team_server, tmp_path):
     from mlflow import MlflowClient
 
-    old_pid = pids(team_server)["postgres"]
-    settings = dict(team_server.settings)
-    team_server.restart("postgres")
-    assert pids(team_server)["postgres"] != old_pid
-    team_server.up()
-    assert team_server.settings == settings
+    old_pid = pids(private_team_server)["postgres"]
+    settings = dict(private_team_server.settings)
+    private_team_server.restart("postgres")
+    assert pids(private_team_server)["postgres"] != old_pid
+    private_team_server.up()
+    assert private_team_server.settings == settings
     # The MLflow server keeps running and reaches the restarted database (pool reconnects).
-    run_id = log_run_with_artifact(team_server.tracking_uri, tmp_path, "after restart")
-    assert MlflowClient(team_server.tracking_uri).get_run(run_id).data.metrics["probe_metric"] == 1.5
+    run_id = log_run_with_artifact(private_team_server.tracking_uri, tmp_path, "after restart")
+    assert MlflowClient(private_team_server.tracking_uri).get_run(run_id).data.metrics["probe_metric"] == 1.5
 
 
-def test_stopped_mlflow_refuses_then_starts_again_with_its_runs(team_server, tmp_path):
+def test_stopped_mlflow_refuses_then_starts_again_with_its_runs(private_team_server, tmp_path):
     from mlflow import MlflowClient
 
-    run_id = log_run_with_artifact(team_server.tracking_uri, tmp_path, "before stop")
-    team_server.stop("mlflow")
-    assert not answers_http(f"{team_server.tracking_uri}/health")
-    assert not (team_server.state_dir / "mlflow.pid").exists()
-    team_server.start("mlflow")
-    assert answers_http(f"{team_server.tracking_uri}/health")
-    assert MlflowClient(team_server.tracking_uri).get_run(run_id).info.status == "FINISHED"
+    run_id = log_run_with_artifact(private_team_server.tracking_uri, tmp_path, "before stop")
+    private_team_server.stop("mlflow")
+    assert not answers_http(f"{private_team_server.tracking_uri}/health")
+    assert not (private_team_server.state_dir / "mlflow.pid").exists()
+    private_team_server.start("mlflow")
+    assert answers_http(f"{private_team_server.tracking_uri}/health")
+    assert MlflowClient(private_team_server.tracking_uri).get_run(run_id).info.status == "FINISHED"
 
 
-def test_down_stops_all_three_is_safe_twice_and_up_keeps_the_database(team_server, tmp_path):
+def test_down_stops_all_three_is_safe_twice_and_up_keeps_the_database(private_team_server, tmp_path):
     import psycopg2
     from mlflow import MlflowClient
 
-    run_id = log_run_with_artifact(team_server.tracking_uri, tmp_path, "survives down")
-    team_server.down(purge=False)
-    assert not answers_http(f"{team_server.tracking_uri}/health")
-    for uri in (team_server.tracking_uri, team_server.s3_endpoint, team_server.postgres_uri):
+    run_id = log_run_with_artifact(private_team_server.tracking_uri, tmp_path, "survives down")
+    private_team_server.down(purge=False)
+    assert not answers_http(f"{private_team_server.tracking_uri}/health")
+    for uri in (private_team_server.tracking_uri, private_team_server.s3_endpoint, private_team_server.postgres_uri):
         assert not listening_addresses(port_of(uri)), f"{uri} still listens after down"
     with pytest.raises(psycopg2.OperationalError):
-        psycopg2.connect(psycopg2_dsn(team_server.postgres_uri), connect_timeout=3)
-    team_server.down(purge=False)  # second down: nothing to stop, still exit 0
-    team_server.up()
+        psycopg2.connect(psycopg2_dsn(private_team_server.postgres_uri), connect_timeout=3)
+    private_team_server.down(purge=False)  # second down: nothing to stop, still exit 0
+    private_team_server.up()
     # PostgreSQL's data persists across down/up (moto's S3 objects do not: it is in-memory).
-    assert MlflowClient(team_server.tracking_uri).get_run(run_id).data.metrics["probe_metric"] == 1.5
-    team_server.s3().head_bucket(Bucket=team_server.bucket)
+    assert MlflowClient(private_team_server.tracking_uri).get_run(run_id).data.metrics["probe_metric"] == 1.5
+    private_team_server.s3().head_bucket(Bucket=private_team_server.bucket)
 
 
 def test_a_service_that_cannot_start_gives_one_error_with_its_log_tail(tmp_path):
