@@ -228,6 +228,22 @@ def pair_runs(
     return tuple(paired), {a: tuple(chosen[(a, s)] for s in paired) for a in archs}
 
 
+def canonical_param(value: str) -> str:
+    """One spelling per value, so pairs logged as `1e-4` and `0.0001` (`mlflow run` keeps the
+    user's spelling), `True` and `true`, or `1024, 512` and `1024,512` count as the same."""
+    parts = []
+    for part in value.split(","):
+        part = part.strip()
+        if part.lower() in ("true", "false"):
+            parts.append(part.lower())
+            continue
+        try:
+            parts.append(repr(float(part)))
+        except ValueError:
+            parts.append(part)
+    return ",".join(parts)
+
+
 def check_pairs(seeds: tuple[int, ...], runs: dict[str, tuple[TrainRun, ...]], archs: tuple[str, str]) -> None:
     """Refuse pairs that differ in anything but PAIRING_EXEMPT_PARAMS, listing every difference."""
     differences = []
@@ -235,7 +251,7 @@ def check_pairs(seeds: tuple[int, ...], runs: dict[str, tuple[TrainRun, ...]], a
         first, second = runs[archs[0]][index], runs[archs[1]][index]
         for param in sorted((first.params.keys() | second.params.keys()) - names.PAIRING_EXEMPT_PARAMS):
             a, b = first.params.get(param, MISSING), second.params.get(param, MISSING)
-            if a != b:
+            if canonical_param(a) != canonical_param(b):
                 differences.append(f"  seed {seed}: {param}: {archs[0]}={a!r} vs {archs[1]}={b!r}")
     if differences:
         raise PairingError(

@@ -246,6 +246,17 @@ def test_refuses_pairs_that_differ_and_lists_every_difference(tracking_uri, tmp_
     assert "learning_rate" in result.output and "Traceback" not in result.output
 
 
+def test_pairs_spelling_one_value_two_ways_are_the_same(tracking_uri, tmp_path):
+    """`mlflow run . -P learning_rate=1e-4` logs the user's spelling; it is still 0.0001."""
+    builder = StudyBuilder(tmp_path)
+    study_id = builder.study()
+    for seed in (1, 2, 3):
+        builder.train(study_id, "resnet50", seed)
+        builder.train(study_id, "efficientnetv2s", seed, learning_rate="1e-4", dense_units="1024, 512")
+    analysis = analyze_study(experiment=EXPERIMENT, study=study_id, n_resamples=200)
+    assert analysis.n_pairs == 3
+
+
 def test_doubled_seed_uses_the_latest_run_and_warns(tracking_uri, tmp_path):
     builder = StudyBuilder(tmp_path)
     study_id = builder.full_study()
