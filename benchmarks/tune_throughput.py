@@ -49,7 +49,7 @@ def run_worker(config, manifest, label: str) -> dict[str, float]:
     import optuna
 
     from ecg_mlflow import names
-    from ecg_mlflow.commands.tune import tune_and_log
+    from ecg_mlflow.tune_tracking import tune_and_log
 
     mlflow.set_experiment("tune-benchmark")
     start = time.perf_counter()

@@ -167,12 +167,7 @@ def _say(progress: bool, message: str) -> None:
 
 
 def _log_params(run_id: str, config: TrainConfig, manifest: Manifest, split: Split) -> None:
-    """Log the effective parameters. `mlflow run` has already logged the raw entry point
-    values, which MLflow will not overwrite; those keep the user's spelling."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    logged = MlflowClient().get_run(run_id).data.params
+    """Log the effective parameters, canonically spelled, beside what `mlflow run` logged."""
     params = config.as_params()
     if not config.cache_dir:
         params["cache_dir"] = str(default_cache_dir())
@@ -183,6 +178,16 @@ def _log_params(run_id: str, config: TrainConfig, manifest: Manifest, split: Spl
         names.PARAM_N_VAL: str(len(split.val)),
         names.PARAM_N_TEST: str(len(split.test)),
     })
+    log_unlogged_params(run_id, params)
+
+
+def log_unlogged_params(run_id: str, params: dict[str, str]) -> None:
+    """Log the params the run does not have yet. `mlflow run` has already logged the raw entry
+    point values, which MLflow will not overwrite; those keep the user's spelling."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient().get_run(run_id).data.params
     mlflow.log_params({k: v for k, v in params.items() if k not in logged})
 
 

@@ -8,7 +8,7 @@ name make one study: trial numbers come from the storage, and the sampler is res
 from the trial number, so workers never draw the same random sequence while a single
 worker stays reproducible.
 
-This module never opens MLflow runs; `ecg_mlflow.commands.tune` wraps each trial in one.
+This module never opens MLflow runs; `ecg_mlflow.tune_tracking` wraps each trial in one.
 """
 
 from __future__ import annotations
@@ -50,14 +50,7 @@ STUDY_SIGNATURE_ATTR = "ecg_signature"
 MLFLOW_RUN_ATTR = "mlflow_run_id"
 STORAGE_PREFIXES = ("sqlite:///", "postgresql", "mysql")
 
-# Tags and roles of tuning runs (the parent carries names.ROLE_TUNE).
-ROLE_TUNE_TRIAL = "tune-trial"
-TAG_TUNE_STUDY = "ecg.tune.study"
-TAG_TUNE_TRIAL = "ecg.tune.trial"
-TAG_TUNE_STATE = "ecg.tune.state"
-STATE_COMPLETE = "complete"
-STATE_PRUNED = "pruned"
-STATE_FAILED = "failed"
+# Artifacts of the tune run (its tags and roles are in ecg_mlflow.names).
 ARTIFACT_BEST_HEAD = "best_head.json"
 ARTIFACT_HISTORY = "optimization_history.png"
 ARTIFACT_IMPORTANCES = "param_importances.png"

@@ -160,7 +160,7 @@ def test_pruning_propagates_out_of_keras_and_leaves_no_run_half_logged(tracking_
     import mlflow
     import optuna
 
-    from ecg_mlflow.commands.tune import tracked_objective
+    from ecg_mlflow.tune_tracking import tracked_objective
 
     config = tuning.parse_tune_config(max_epochs="30", patience="30", seeds="1,2",
                                       storage=f"sqlite:///{tmp_path}/o.db", study_name="prune")
@@ -175,7 +175,7 @@ def test_pruning_propagates_out_of_keras_and_leaves_no_run_half_logged(tracking_
     client = mlflow.MlflowClient()
     run = client.get_run(trial.user_attrs[tuning.MLFLOW_RUN_ATTR])
     assert run.info.status == "FINISHED"
-    assert run.data.tags[tuning.TAG_TUNE_STATE] == tuning.STATE_PRUNED
+    assert run.data.tags[names.TAG_TUNE_STATE] == names.TUNE_STATE_PRUNED
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert run.data.metrics["pruned"] == 1 and run.data.metrics["pruned_epoch"] == 3
     assert run.data.metrics["pruned_seed"] == 1
@@ -216,19 +216,19 @@ def runs_of(experiment: str):
 
 def check_trial_runs(runs, study, parents: dict[str, list[int]]) -> None:
     """Every trial of `study` has exactly one MLflow run, under the worker that ran it."""
-    trial_runs = [r for r in runs if r.data.tags.get(names.TAG_ROLE) == tuning.ROLE_TUNE_TRIAL
-                  and r.data.tags.get(tuning.TAG_TUNE_STUDY) == study.study_name]
-    numbers = sorted(int(r.data.tags[tuning.TAG_TUNE_TRIAL]) for r in trial_runs)
+    trial_runs = [r for r in runs if r.data.tags.get(names.TAG_ROLE) == names.ROLE_TUNE_TRIAL
+                  and r.data.tags.get(names.TAG_TUNE_STUDY) == study.study_name]
+    numbers = sorted(int(r.data.tags[names.TAG_TUNE_TRIAL]) for r in trial_runs)
     assert numbers == sorted(t.number for t in study.trials)
     owner = {n: parent for parent, ran in parents.items() for n in ran}
     for run in trial_runs:
-        number = int(run.data.tags[tuning.TAG_TUNE_TRIAL])
+        number = int(run.data.tags[names.TAG_TUNE_TRIAL])
         assert run.data.tags["mlflow.parentRunId"] == owner[number]
         assert study.trials[number].user_attrs[tuning.MLFLOW_RUN_ATTR] == run.info.run_id
         assert run.info.status == "FINISHED"
-        assert run.data.tags[tuning.TAG_TUNE_STATE] in (tuning.STATE_COMPLETE, tuning.STATE_PRUNED)
+        assert run.data.tags[names.TAG_TUNE_STATE] in (names.TUNE_STATE_COMPLETE, names.TUNE_STATE_PRUNED)
         assert not [k for k in run.data.metrics if k.startswith("test_")]  # never the test set
-        if run.data.tags[tuning.TAG_TUNE_STATE] == tuning.STATE_COMPLETE:
+        if run.data.tags[names.TAG_TUNE_STATE] == names.TUNE_STATE_COMPLETE:
             assert run.data.metrics["val_loss"] == pytest.approx(study.trials[number].value)
 
 
