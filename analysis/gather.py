@@ -30,7 +30,11 @@ PARAM_SEEDS = "seeds"
 MISSING = "<missing>"
 
 
-class StudyNotFound(ValueError):
+class RunNotFound(ValueError):
+    """The experiment or run named by the user does not exist, or is not the kind asked for."""
+
+
+class StudyNotFound(RunNotFound):
     """The experiment or the study named by the user does not exist."""
 
 
@@ -108,8 +112,6 @@ def find_experiment_id(client: MlflowClient, experiment: str) -> str:
 
 def find_study_run(client: MlflowClient, experiment_id: str, study: str) -> Run:
     """The study parent run: `latest` (newest run tagged ecg.role=study) or a run id."""
-    from mlflow.exceptions import MlflowException
-
     if study == LATEST:
         found = client.search_runs(
             [experiment_id],
@@ -124,20 +126,28 @@ def find_study_run(client: MlflowClient, experiment_id: str, study: str) -> Run:
             )
         return found[0]
     try:
-        run = client.get_run(study)
-    except MlflowException as error:
-        raise StudyNotFound(f"study run {study!r} not found in the tracking store") from error
-    role = run.data.tags.get(names.TAG_ROLE)
-    if role != names.ROLE_STUDY:
-        raise StudyNotFound(
-            f"run {study} is not a study run: tag {names.TAG_ROLE} is {role!r}, expected "
-            f"{names.ROLE_STUDY!r}"
-        )
+        return find_run_of_role(client, experiment_id, study, names.ROLE_STUDY)
+    except RunNotFound as exc:
+        raise StudyNotFound(str(exc)) from None
+
+
+def find_run_of_role(client: MlflowClient, experiment_id: str, run_id: str, role: str) -> Run:
+    """The run `run_id`, checked to carry tag ecg.role=`role` and to belong to the experiment
+    the user named, so that a pasted id of the wrong run is refused rather than misread."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise RunNotFound(f"{role} run {run_id!r} not found in the tracking store") from None
+    found = run.data.tags.get(names.TAG_ROLE)
+    if found != role:
+        article = "an" if role[0] in "aeiou" else "a"
+        raise RunNotFound(f"run {run_id} is not {article} {role} run: tag {names.TAG_ROLE} is {found!r}, "
+                          f"expected {role!r}")
     if run.info.experiment_id != experiment_id:
-        raise StudyNotFound(
-            f"study run {study} belongs to experiment id {run.info.experiment_id}, not to the "
-            f"requested experiment (id {experiment_id})"
-        )
+        raise RunNotFound(f"run {run_id} belongs to experiment id {run.info.experiment_id}, not to the "
+                          f"requested experiment (id {experiment_id})")
     return run
 
 

@@ -104,9 +104,7 @@ def parse_model_name(raw: str) -> str:
 
 def find_analysis_run(client: MlflowClient, experiment: str, analysis_run: str = LATEST) -> Run:
     """The newest finished analysis run of `experiment`, or the run `analysis_run` (checked)."""
-    from mlflow.exceptions import MlflowException
-
-    from analysis.gather import StudyNotFound, find_experiment_id
+    from analysis.gather import RunNotFound, StudyNotFound, find_experiment_id, find_run_of_role
 
     try:
         experiment_id = find_experiment_id(client, experiment)
@@ -128,20 +126,9 @@ def find_analysis_run(client: MlflowClient, experiment: str, analysis_run: str =
             )
         return runs[0]
     try:
-        run = client.get_run(analysis_run)
-    except MlflowException:
-        raise PromotionError(f"analysis_run: run {analysis_run!r} not found in the tracking store") from None
-    role = run.data.tags.get(names.TAG_ROLE)
-    if role != names.ROLE_ANALYSIS:
-        raise PromotionError(
-            f"analysis_run: run {analysis_run} is not an analysis run (tag {names.TAG_ROLE} is "
-            f"{role!r}, expected {names.ROLE_ANALYSIS!r})"
-        )
-    if run.info.experiment_id != experiment_id:
-        raise PromotionError(
-            f"analysis_run: run {analysis_run} belongs to experiment id {run.info.experiment_id}, "
-            f"not to {experiment!r} (id {experiment_id})"
-        )
+        run = find_run_of_role(client, experiment_id, analysis_run, names.ROLE_ANALYSIS)
+    except RunNotFound as exc:
+        raise PromotionError(f"analysis_run: {exc}") from None
     if run.info.status != "FINISHED":
         raise PromotionError(f"analysis_run: run {analysis_run} is {run.info.status}, not FINISHED")
     return run

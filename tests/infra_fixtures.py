@@ -28,6 +28,7 @@ UP_KEYS = (
     "ECG_MLFLOW_POSTGRES_URI",
     "ECG_MLFLOW_OPTUNA_STORAGE",
 )
+LOOPBACK_HEX = "0100007F"  # 127.0.0.1 as /proc/net/tcp writes it
 S3_DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
 
@@ -39,6 +40,20 @@ def require_infra() -> None:
     if os.environ.get("ECG_MLFLOW_REQUIRE_INFRA") == "1":
         pytest.fail(f"ECG_MLFLOW_REQUIRE_INFRA=1 but {message}", pytrace=False)
     pytest.skip(message)
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses (hex, as in /proc/net/tcp) with a listening socket on `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, port_hex = fields[1].split(":")
+            if fields[3] == "0A" and int(port_hex, 16) == port:  # 0A = LISTEN
+                found.add(address)
+    return found
 
 
 def parse_up_output(stdout: str) -> dict[str, str]:

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from infra_fixtures import INFRA_LOCAL, SERVICES, parse_up_output, require_infra
+from infra_fixtures import (
+    INFRA_LOCAL, LOOPBACK_HEX, SERVICES, listening_addresses, parse_up_output, require_infra,
+)
 
 pytestmark = pytest.mark.infra
 
-LOOPBACK_HEX = "0100007F"  # 127.0.0.1 as /proc/net/tcp writes it
 
 
 def psycopg2_dsn(sqlalchemy_uri: str) -> str:
@@ -32,20 +33,6 @@ def answers_http(url: str) -> bool:
             return response.status == 200
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return False
-
-
-def listening_addresses(port: int) -> set[str]:
-    """Local addresses (hex, as in /proc/net/tcp) with a listening socket on `port`."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if not Path(table).exists():
-            continue
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            address, port_hex = fields[1].split(":")
-            if fields[3] == "0A" and int(port_hex, 16) == port:  # 0A = LISTEN
-                found.add(address)
-    return found
 
 
 def port_of(uri: str) -> int:

@@ -18,13 +18,13 @@ from ecg_mlflow.classes import CLASSES
 from ecg_mlflow.registry import TAG_SOURCE_RUN
 from ecg_mlflow.serving import IMAGE_COLUMN
 
+from infra_fixtures import LOOPBACK_HEX, listening_addresses
 from team_study import (
     ARCHS, SEEDS, SMALL, VENV_BIN, client_env, demo_set, mlflow_client, run_client, team_study,
 )
 
 pytestmark = [pytest.mark.infra, pytest.mark.slow]
 CHAMPION_URI = f"models:/{names.DEFAULT_MODEL_NAME}@{names.CHAMPION_ALIAS}"
-LOOPBACK_HEX = "0100007F"  # 127.0.0.1 as /proc/net/tcp writes it
 RUN_ARTIFACTS = ("test_predictions.csv", "confusion_matrix.png", "confusion_matrix.json",
                  "training_curves.png", "split.csv")
 
@@ -99,19 +99,6 @@ def test_a_study_and_its_analysis_through_the_server(team_server, base):
     assert "winner:" in study.output and study.analysis_run_id in study.output
     keys = bucket_keys(team_server)
     assert [k for k in keys if f"/{study.analysis_run_id}/artifacts/" in k], "analysis artifacts not in the bucket"
-
-
-def listening_addresses(port: int) -> set[str]:
-    """Local addresses (hex, as in /proc/net/tcp) with a listening socket on `port`."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if Path(table).exists():
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                address, port_hex = fields[1].split(":")
-                if fields[3] == "0A" and int(port_hex, 16) == port:  # 0A = LISTEN
-                    found.add(address)
-    return found
 
 
 def test_promote_then_serve_the_champion_from_the_registry(team_server, base, real_originals, tmp_path):
