@@ -187,7 +187,8 @@ def _to_train_run(run: Run) -> TrainRun:
     return TrainRun(run.info.run_id, arch, seed_number, int(run.info.start_time or 0), params, dict(run.data.metrics))
 
 
-def _search_all(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
+def search_all_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
+    """Every run that matches, page by page (one search returns at most 1000)."""
     runs: list[Run] = []
     token = None
     while True:
@@ -281,7 +282,7 @@ def gather_study(client: MlflowClient, experiment: str = names.DEFAULT_EXPERIMEN
     study_run = find_study_run(client, experiment_id, study)
     study_id = study_run.info.run_id
     archs = study_archs(study_run)
-    children = _search_all(
+    children = search_all_runs(
         client,
         experiment_id,
         f"tags.`{names.TAG_ROLE}` = {names.filter_quote(names.ROLE_TRAIN)} and tags.`{names.TAG_STUDY}` = {names.filter_quote(study_id)}",

@@ -169,21 +169,15 @@ def check_significance(run: Run, metric: str, force: bool) -> tuple[str, str, bo
 def select_source_run(client: MlflowClient, experiment_id: str, study_run_id: str, arch: str, metric: str) -> tuple[Run, int]:
     """The study's finished train run of `arch` with the best validation `metric` (ties:
     lower validation loss, then the earlier run); also how many runs competed."""
+    from analysis.gather import search_all_runs
+
     val_key = names.split_metric("val", metric)
     filter_string = (
         f"tags.`{names.TAG_ROLE}` = {names.filter_quote(names.ROLE_TRAIN)} and "
         f"tags.`{names.TAG_STUDY}` = {names.filter_quote(study_run_id)} and "
         f"params.arch = {names.filter_quote(arch)} and attributes.status = 'FINISHED'"
     )
-    runs = []
-    token = None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
-    runs = [r for r in runs if val_key in r.data.metrics]
+    runs = [r for r in search_all_runs(client, experiment_id, filter_string) if val_key in r.data.metrics]
     if not runs:
         raise PromotionError(
             f"study {study_run_id} has no finished train run of {arch} with metric {val_key!r}"
