@@ -24,7 +24,7 @@ def tracked_run(experiment: str, run_name: str, tags: dict[str, str]) -> Iterato
     bound_http_retries()
     try:
         if not os.environ.get("MLFLOW_RUN_ID"):
-            mlflow.set_experiment(experiment)
+            activate_experiment(experiment)
         run = mlflow.start_run(run_name=run_name, tags=tags)
     except Exception as exc:
         if is_unreachable(exc):
@@ -43,3 +43,17 @@ def tracked_run(experiment: str, run_name: str, tags: dict[str, str]) -> Iterato
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+def activate_experiment(name: str) -> str:
+    """Make `name` the active experiment (created if missing) and return its id.
+
+    When another process creates the experiment between MLflow's lookup and its create,
+    `mlflow.set_experiment` (3.17) returns the experiment without activating it, and the run
+    and its nested runs land in the Default experiment. Activating by id closes that race.
+    """
+    import mlflow
+
+    experiment_id = mlflow.set_experiment(name).experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
