@@ -24,12 +24,11 @@ ROLE_PROMOTE = "promote"
 ROLE_TUNE_TRIAL = "tune-trial"
 TAG_TUNE_STUDY = "ecg.tune.study"  # the Optuna study name, on the tune run and its trial runs
 TAG_TUNE_TRIAL = "ecg.tune.trial"  # the Optuna trial number
-TAG_TUNE_STATE = "ecg.tune.state"  # one of TUNE_STATES
+TAG_TUNE_STATE = "ecg.tune.state"  # TUNE_STATE_COMPLETE, _PRUNED or _FAILED
 TAG_TUNE_CREATED_STUDY = "ecg.tune.created_study"  # whether this worker created the study
 TUNE_STATE_COMPLETE = "complete"
 TUNE_STATE_PRUNED = "pruned"
 TUNE_STATE_FAILED = "failed"
-TUNE_STATES = (TUNE_STATE_COMPLETE, TUNE_STATE_PRUNED, TUNE_STATE_FAILED)
 
 # Params that every train run carries beside its entry point parameters.
 PARAM_DATA_DIGEST = "data_digest"
