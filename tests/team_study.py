@@ -9,6 +9,7 @@ memoised here: importing a session fixture into two modules would run it twice.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +21,8 @@ from ecg_mlflow import names
 VENV_BIN = Path(sys.executable).parent
 ARCHS = ("vgg16", "mobilenetv3large")
 SEEDS = (1, 2)
+PAIR_NAMES = tuple(sorted(f"{a}-s{s}" for a in ARCHS for s in SEEDS))
+"""The run names of the study's (arch, seed) pairs, sorted."""
 SMALL = ("--weights", "none", "--image-height", "64", "--image-width", "64", "--max-epochs", "3")
 """Training settings of every test run here: tiny images, a seeded random frozen backbone."""
 STUDY_EXPERIMENT = "team-study"
@@ -59,6 +62,13 @@ def start_client(command: list[str], team_server, log: Path) -> subprocess.Popen
     with open(log, "wb") as out:
         return subprocess.Popen(command, env=client_env(team_server), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+
+
+def kill_if_running(process: subprocess.Popen) -> None:
+    """SIGKILL the group of a client that is still running (cleanup after a failed wait)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
 
 
 def mlflow_client(team_server):

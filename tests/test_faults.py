@@ -25,11 +25,11 @@ from ecg_mlflow.features import FeatureCache, FeatureKey
 from ecg_mlflow.study import TAG_ADOPTED_FROM
 
 from team_study import (
-    ARCHS, SEEDS, SMALL, VENV_BIN, demo_set, mlflow_client, run_client, start_client, study_children,
-    study_command, study_parents, wait_for,
+    ARCHS, PAIR_NAMES, SEEDS, SMALL, VENV_BIN, demo_set, kill_if_running, mlflow_client, run_client,
+    start_client, study_children, study_command, study_parents, wait_for,
 )
 
-N_PAIRS = len(ARCHS) * len(SEEDS)
+N_PAIRS = len(PAIR_NAMES)
 QUICK = ("--log-model", "false", "--analyze", "false")
 
 
@@ -117,9 +117,7 @@ def test_study_killed_with_sigkill_resumes_with_only_the_missing_runs(team_serve
         killed_at = time.monotonic()
         assert study.wait(timeout=30) == -signal.SIGKILL
     finally:
-        if study.poll() is None:
-            os.killpg(study.pid, signal.SIGKILL)
-            study.wait(timeout=30)
+        kill_if_running(study)
 
     # SIGKILL runs no handler: the run killed and its parent stay RUNNING on the server
     assert client.get_run(victim.info.run_id).info.status == "RUNNING"
@@ -136,7 +134,7 @@ def test_study_killed_with_sigkill_resumes_with_only_the_missing_runs(team_serve
     assert new_parent.data.metrics["runs_reused"] == len(done_before)
     assert new_parent.data.metrics["runs_failed"] == 0
     finished = {r.info.run_name: r for r in children if r.info.status == "FINISHED"}
-    assert sorted(finished) == sorted(f"{a}-s{s}" for a in ARCHS for s in SEEDS)
+    assert sorted(finished) == list(PAIR_NAMES)
     assert all(finished[name].data.tags[TAG_ADOPTED_FROM] == old_parent_id for name in done_before)
     # the stale RUNNING run is not adopted: a new run trained that pair, the old one is left as it was
     assert finished[victim_name].info.run_id != victim.info.run_id
@@ -213,9 +211,7 @@ def test_tracking_server_stopped_mid_study_fails_clearly_then_resumes(team_serve
         returncode = study.wait(timeout=240)
         failed_after_s = time.monotonic() - stopped_at
     finally:
-        if study.poll() is None:
-            os.killpg(study.pid, signal.SIGKILL)
-            study.wait(timeout=30)
+        kill_if_running(study)
         team_server.start("mlflow")
     output = log.read_text(errors="replace")
     assert returncode == 1, output[-3000:]
@@ -228,8 +224,7 @@ def test_tracking_server_stopped_mid_study_fails_clearly_then_resumes(team_serve
     new_parent, children = rerun_study(team_server, data, cache, experiment)
     assert new_parent.data.metrics["runs_trained"] == N_PAIRS - len(done_before)
     assert new_parent.data.metrics["runs_reused"] == len(done_before)
-    assert sorted(r.info.run_name for r in children if r.info.status == "FINISHED") == sorted(
-        f"{a}-s{s}" for a in ARCHS for s in SEEDS)
+    assert sorted(r.info.run_name for r in children if r.info.status == "FINISHED") == list(PAIR_NAMES)
     assert_cache_sound(cache, expected_per_arch=24)
     print(f"\nserver stop: study failed {failed_after_s:.1f} s after the stop; "
           f"resumed study done {time.monotonic() - restarted_at:.1f} s after the restart")
@@ -257,9 +252,7 @@ def test_four_processes_log_runs_at_once(team_server, data, tmp_path):
             assert returncode == 0, (tmp_path / f"train-{seed}.log").read_text(errors="replace")[-3000:]
     finally:
         for _, process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=30)
+            kill_if_running(process)
     elapsed = time.monotonic() - started
 
     client = mlflow_client(team_server)
@@ -300,14 +293,11 @@ def test_study_completes_across_a_postgres_restart(team_server, data, tmp_path):
         team_server.restart("postgres")
         returncode = study.wait(timeout=600)
     finally:
-        if study.poll() is None:
-            os.killpg(study.pid, signal.SIGKILL)
-            study.wait(timeout=30)
+        kill_if_running(study)
     output = log.read_text(errors="replace")
     assert returncode == 0, output[-3000:]
     final = client.get_run(parent_id)
     assert final.info.status == "FINISHED" and final.data.metrics["runs_trained"] == N_PAIRS
     children = study_children(client, exp_id, parent_id)
-    assert sorted(r.info.run_name for r in children if r.info.status == "FINISHED") == sorted(
-        f"{a}-s{s}" for a in ARCHS for s in SEEDS)
+    assert sorted(r.info.run_name for r in children if r.info.status == "FINISHED") == list(PAIR_NAMES)
     assert len(children) == N_PAIRS

@@ -20,13 +20,11 @@ from ecg_mlflow.serving import IMAGE_COLUMN
 
 from infra_fixtures import LOOPBACK_HEX, listening_addresses
 from team_study import (
-    ARCHS, SEEDS, SMALL, VENV_BIN, client_env, demo_set, mlflow_client, run_client, team_study,
+    PAIR_NAMES, SMALL, VENV_BIN, client_env, demo_set, mlflow_client, run_client, team_study,
 )
 
 pytestmark = [pytest.mark.infra, pytest.mark.slow]
 CHAMPION_URI = f"models:/{names.DEFAULT_MODEL_NAME}@{names.CHAMPION_ALIAS}"
-RUN_ARTIFACTS = ("test_predictions.csv", "confusion_matrix.png", "confusion_matrix.json",
-                 "training_curves.png", "split.csv")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +69,7 @@ def test_a_training_run_puts_its_artifacts_and_model_in_the_bucket(team_server, 
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")
     keys = bucket_keys(team_server)
     run_prefix = f"artifacts/{experiment.experiment_id}/{run.info.run_id}/artifacts/"
-    for artifact in RUN_ARTIFACTS:
+    for artifact in names.TRAIN_RUN_ARTIFACTS:
         assert run_prefix + artifact in keys, f"{artifact} not in the bucket"
     model_prefix = f"artifacts/{experiment.experiment_id}/models/{logged_model_id(client, run)}/artifacts/"
     model_files = {k[len(model_prefix):] for k in keys if k.startswith(model_prefix)}
@@ -85,7 +83,7 @@ def test_a_training_run_puts_its_artifacts_and_model_in_the_bucket(team_server, 
 
 def test_a_study_and_its_analysis_through_the_server(team_server, base):
     study = team_study(team_server, base)
-    assert sorted(study.runs) == sorted(f"{a}-s{s}" for a in ARCHS for s in SEEDS)
+    assert sorted(study.runs) == list(PAIR_NAMES)
     client = mlflow_client(team_server)
     runs = [client.get_run(run_id) for run_id in study.runs.values()]
     assert all(r.info.status == "FINISHED" for r in runs)
