@@ -19,8 +19,6 @@ import argparse
 import base64
 import json
 import os
-import platform
-import re
 import signal
 import socket
 import subprocess
@@ -130,18 +128,6 @@ def measure(predict_one, images: list[bytes], rounds: int, clients: int) -> dict
             "throughput": len(jobs) / wall, "n": len(jobs)}
 
 
-def write_section(body: str) -> None:
-    """Replace (or append) this benchmark's `## Serving latency` section, nothing else."""
-    header = ("# Benchmarks\n\nEach section is written by the script named in it (`benchmarks/`); "
-              "rerun the script to refresh it.\n")
-    text = DOC.read_text() if DOC.exists() else header
-    section = f"## {SECTION}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text.rstrip() + "\n")
-
-
 def main() -> None:
     args = parse_args()
     if not ORIGINALS.is_dir():
@@ -199,25 +185,24 @@ def main() -> None:
         finally:
             stop_server(process)
 
-    report(results, encode_ms, args)
+    report(results, encode_ms, float(np.mean([len(image) for image in images])), args)
 
 
-def report(results: dict, encode_ms: float, args: argparse.Namespace) -> None:
-    rows = []
-    for (mode, clients), r in results.items():
-        rows.append(f"| {mode} | {clients} | {r['p50']:.0f} | {r['p95']:.0f} | {r['throughput']:.2f} | {r['n']} |")
-    table = "\n".join(["| path | clients | p50 ms/image | p95 ms/image | images/s | requests |",
-                       "| --- | --- | --- | --- | --- | --- |", *rows])
+def report(results: dict, encode_ms: float, mean_image_bytes: float, args: argparse.Namespace) -> None:
+    from report import machine, markdown_table, write_section
+
+    rows = [[mode, clients, f"{r['p50']:.0f}", f"{r['p95']:.0f}", f"{r['throughput']:.2f}", r["n"]]
+            for (mode, clients), r in results.items()]
+    table = markdown_table(["path", "clients", "p50 ms/image", "p95 ms/image", "images/s", "requests"], rows)
     ratio_1 = results[("server", 1)]["p50"] / results[("in process", 1)]["p50"]
     ratio_4 = results[("in process", 4)]["throughput"] / results[("server", 4)]["throughput"]
     verdict = "within" if ratio_1 <= AIM else "above"
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), Python {platform.python_version()}"
-    body = f"""Written by `benchmarks/serving_latency.py --rounds {args.rounds}` on {machine}.
+    body = f"""Written by `benchmarks/serving_latency.py --rounds {args.rounds}` on {machine()} (shared).
 
 A {args.arch} model at {args.image_height} x {args.image_width} (weights=none: the network and input size are
 the paper's), served by `mlflow models serve --env-manager local` (1 uvicorn worker) on a
 loopback port; each request carries one untouched 2213 x 1572 original (about
-{np.mean([p.stat().st_size for p in ORIGINALS.rglob('*') if p.is_file()]) / 1024:.0f} KiB JPEG) as base64 JSON.
+{mean_image_bytes / 1024:.0f} KiB JPEG) as base64 JSON.
 Latency is per request (= per image); "in process" is `mlflow.pyfunc.load_model(...).predict`
 on a one-row DataFrame of the same bytes.
 
@@ -239,7 +224,7 @@ another; on a loaded 2-core machine there is none to spare. More uvicorn workers
     print(table)
     print(f"server/in-process p50 (1 client): {ratio_1:.2f}x; encode {encode_ms:.1f} ms")
     if not args.no_doc:
-        write_section(body)
+        write_section(SECTION, body)
         print(f"wrote the '{SECTION}' section of {DOC}")
 
 

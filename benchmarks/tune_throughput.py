@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REAL_IMAGES = PROJECT_ROOT.parent / "shared" / "data" / "ecg-images"
 BENCHMARKS_MD = PROJECT_ROOT / "docs" / "benchmarks.md"
-SECTION = "## Tuning throughput"
+SECTION = "Tuning throughput"
 
 
 def parse_args() -> argparse.Namespace:
@@ -100,23 +99,26 @@ def main() -> None:
             results.append((label, run_worker(config, manifest, label)))
 
     text = report(args, manifest, results)
-    print(text)
+    print(f"## {SECTION}\n\n{text}")
     if args.write:
-        write_section(text)
+        from report import write_section
+
+        write_section(SECTION, text)
         print(f"wrote the '{SECTION}' section of {BENCHMARKS_MD}")
 
 
 def report(args, manifest, results) -> str:
-    """The markdown section: settings, one row per worker, what it means."""
+    """The markdown section's body: settings, one row per worker, what it means."""
     import keras
     import optuna
     import tensorflow as tf
 
     cold, warm = results[0][1], results[1][1]
+    from report import machine
+
     lines = [
-        SECTION, "",
         f"Written by `benchmarks/tune_throughput.py --n-trials {args.n_trials}` on "
-        f"{platform.machine()}, {os.cpu_count()} CPU cores (shared; load average "
+        f"{machine()} (shared; load average "
         f"{os.getloadavg()[0]:.1f} at the end), TensorFlow {tf.__version__}, Keras "
         f"{keras.__version__}, Optuna {optuna.__version__}.", "",
         f"The real images ({len(manifest.records)} files, "
@@ -154,20 +156,6 @@ def report(args, manifest, results) -> str:
         "where cores are free, since each head already uses every core TensorFlow sees.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def write_section(text: str) -> None:
-    """Replace this script's section of docs/benchmarks.md (or append it), leaving the
-    other sections as they are."""
-    doc = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
-    start = doc.find(SECTION + "\n")
-    if start < 0:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    else:
-        end = doc.find("\n## ", start + len(SECTION))
-        rest = "\n" + doc[end + 1:] if end >= 0 else ""
-        doc = doc[:start] + text + rest
-    BENCHMARKS_MD.write_text(doc)
 
 
 if __name__ == "__main__":
