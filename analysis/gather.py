@@ -12,7 +12,7 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -362,12 +362,3 @@ def _check_same_test_set(reference: tuple[TrainRun, pd.DataFrame], other: tuple[
             f"({len(frame)} vs {len(ref)} images, or different relpath/sha256/true_class): "
             f"image-level tests need one shared test set"
         )
-
-
-def describe_runs(pairs: StudyPairs) -> list[dict[str, Any]]:
-    """One row per paired run (for results.json)."""
-    return [
-        {"arch": arch, "seed": run.seed, "run_id": run.run_id}
-        for arch in pairs.archs
-        for run in pairs.runs[arch]
-    ]

@@ -235,8 +235,7 @@ def plot_per_class(analysis: StudyAnalysis, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    frame = analysis.per_class_frame()
-    metrics = list(dict.fromkeys(frame["metric"])) if not frame.empty else []
+    metrics = list(dict.fromkeys(p.metric for p in analysis.per_class))
     fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(4.5 * max(1, len(metrics)), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         rows = [p for p in analysis.per_class if p.metric == metric]

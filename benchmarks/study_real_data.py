@@ -65,37 +65,44 @@ def seconds(run) -> float:
 
 
 def tracked(experiment: str):
-    """The latest study of the experiment, its train runs and its analysis run."""
-    import mlflow
+    """The latest study of the experiment, its train runs and its (newest) analysis run."""
+    from mlflow import MlflowClient
 
+    from analysis.gather import LATEST, find_experiment_id, find_study_run, search_all_runs
     from ecg_mlflow import names
 
-    def search(role, extra=""):
-        return mlflow.search_runs(
-            experiment_names=[experiment], output_format="list",
-            filter_string=f"tags.`{names.TAG_ROLE}` = '{role}'{extra}",
-            order_by=["attributes.start_time DESC"],
-        )
+    client = MlflowClient()
+    experiment_id = find_experiment_id(client, experiment)
+    parent = find_study_run(client, experiment_id, LATEST)
 
-    parent = search(names.ROLE_STUDY)[0]
-    children = search(names.ROLE_TRAIN, f" and tags.`{names.TAG_STUDY}` = '{parent.info.run_id}'")
-    analysis = search(names.ROLE_ANALYSIS, f" and tags.`{names.TAG_STUDY}` = '{parent.info.run_id}'")[0]
-    return parent, children, analysis
+    def of_study(role: str) -> list:
+        return search_all_runs(client, experiment_id, f"tags.`{names.TAG_ROLE}` = {names.filter_quote(role)} and "
+                                                      f"tags.`{names.TAG_STUDY}` = {names.filter_quote(parent.info.run_id)}")
+
+    analysis = max(of_study(names.ROLE_ANALYSIS), key=lambda run: run.info.start_time)
+    return parent, of_study(names.ROLE_TRAIN), analysis
 
 
-def paper_epoch_seconds(arch: str, height: int, width: int, data: str) -> float:
-    """Seconds per image per epoch of model.fit on images through the frozen backbone."""
-    import keras
-
-    from ecg_mlflow.backbones import build_feature_extractor
+def epoch_sample(data: str, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """EPOCH_SAMPLE images spread over the dataset, decoded once for every backbone's epoch."""
     from ecg_mlflow.dataset import build_manifest
-    from ecg_mlflow.head import build_head, one_hot
+    from ecg_mlflow.head import one_hot
     from ecg_mlflow.preprocess import load_pixels
 
     manifest = build_manifest(data)
     sample = manifest.records[:: max(1, len(manifest.records) // EPOCH_SAMPLE)][:EPOCH_SAMPLE]
     x = np.stack([load_pixels(manifest.path_of(r), height, width) for r in sample]).astype(np.float32)
-    y = one_hot([r.label for r in sample])
+    return x, one_hot([r.label for r in sample])
+
+
+def paper_epoch_seconds(arch: str, x: np.ndarray, y: np.ndarray) -> float:
+    """Seconds per image per epoch of model.fit on images through the frozen backbone."""
+    import keras
+
+    from ecg_mlflow.backbones import build_feature_extractor
+    from ecg_mlflow.head import build_head
+
+    height, width = x.shape[1:3]
     extractor = build_feature_extractor(arch, "none", height, width)
     inputs = keras.Input(shape=(height, width, 3))
     model = keras.Model(inputs, build_head(extractor.output_shape[-1], (1024, 512), 0.2)(extractor(inputs)))
@@ -103,7 +110,7 @@ def paper_epoch_seconds(arch: str, height: int, width: int, data: str) -> float:
     model.fit(x[:16], y[:16], batch_size=16, epochs=1, verbose=0)  # build and trace once
     start = time.perf_counter()
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    return (time.perf_counter() - start) / len(sample)
+    return (time.perf_counter() - start) / len(x)
 
 
 def leakage_rows(children) -> list[list[object]]:
@@ -150,8 +157,9 @@ def main() -> None:
     height, width = int(args.image_height), int(args.image_width)
     paper_total = 0.0
     per_image = {}
+    x, y = epoch_sample(args.data, height, width)
     for arch in ARCHS:
-        per_image[arch] = paper_epoch_seconds(arch, height, width, args.data)
+        per_image[arch] = paper_epoch_seconds(arch, x, y)
         for run in (r for r in children if r.data.params["arch"] == arch):
             images = int(run.data.params[names.PARAM_N_TRAIN]) + int(run.data.params[names.PARAM_N_VAL])
             paper_total += per_image[arch] * images * run.data.metrics[names.METRIC_STOPPED_EPOCH]

@@ -108,6 +108,8 @@ def seeds_spec(seeds: tuple[int, ...]) -> str:
 def create_study_run(client, experiment_id: str, archs: tuple[str, ...], seeds: tuple[int, ...],
                      shared: dict[str, str]) -> str:
     """The study parent the analysis looks for: tag ecg.role=study, params archs and seeds."""
+    from mlflow.entities import Param
+
     from ecg_mlflow import names
 
     run = client.create_run(
@@ -115,12 +117,9 @@ def create_study_run(client, experiment_id: str, archs: tuple[str, ...], seeds: 
         run_name=f"study-k8s-{'-vs-'.join(archs)}",
         tags={names.TAG_ROLE: names.ROLE_STUDY, "ecg.backend": "kubernetes"},
     )
-    run_id = run.info.run_id
-    client.log_param(run_id, "archs", ",".join(archs))
-    client.log_param(run_id, "seeds", seeds_spec(seeds))
-    for name, value in shared.items():
-        client.log_param(run_id, name, value)
-    return run_id
+    params = {"archs": ",".join(archs), "seeds": seeds_spec(seeds), **shared}
+    client.log_batch(run.info.run_id, params=[Param(name, value) for name, value in params.items()])
+    return run.info.run_id
 
 
 def tag_child(client, run_id: str, study_run_id: str) -> None:

@@ -485,9 +485,10 @@ def status() -> dict[str, bool]:
 
 
 def print_exports(env: dict[str, str]) -> None:
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "ECG_MLFLOW_S3_BUCKET",
-                "ECG_MLFLOW_POSTGRES_URI", "ECG_MLFLOW_OPTUNA_STORAGE"):
-        print(f"{key}={env[key]}")
+    """The `KEY=VALUE` lines `up` prints: every export but the placeholder S3 credentials."""
+    for key, value in env.items():
+        if key not in S3_DUMMY_CREDENTIALS:
+            print(f"{key}={value}")
 
 
 def main(argv: list[str] | None = None) -> int:
