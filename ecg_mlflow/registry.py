@@ -53,7 +53,6 @@ class PromotionPlan:
     other_arch: str
     significant: bool
     forced: bool
-    alpha: float | None
     p_values: dict[str, float]
     """Every p-value the analysis logged (`<metric>_p_bonferroni`, `accuracy_p_mcnemar`, ...)."""
     source_run_id: str
@@ -230,12 +229,11 @@ def plan_promotion(
     if not study:
         raise PromotionError(f"analysis run {run.info.run_id} names no study ({schema.PARAM_STUDY_RUN_ID})")
     source, n = select_source_run(client, run.info.experiment_id, study, winner, metric)
-    alpha = run.data.params.get(schema.PARAM_ALPHA)
     notes = () if significant else (f"forced: {metric} difference not significant",)
     return PromotionPlan(
         model_name=model_name, metric=metric, analysis_run_id=run.info.run_id, study_run_id=study,
         arch=winner, other_arch=other, significant=significant, forced=force and not significant,
-        alpha=float(alpha) if alpha else None, p_values=_p_values(run),
+        p_values=_p_values(run),
         source_run_id=source.info.run_id, source_params=dict(source.data.params),
         source_metrics=dict(source.data.metrics), n_candidates=n,
         existing_version=existing_version(client, model_name, source.info.run_id), notes=notes,
@@ -304,15 +302,13 @@ def register_version(client: MlflowClient, plan: PromotionPlan, model_uri: str, 
     if not registered.description:
         client.update_registered_model(plan.model_name, description=REGISTERED_MODEL_DESCRIPTION)
     version = mlflow.register_model(model_uri, plan.model_name, tags=version_tags(plan, promote_run_id))
-    client.update_model_version(plan.model_name, version.version, description=version_description(plan))
-    return client.get_model_version(plan.model_name, version.version)
+    return client.update_model_version(plan.model_name, version.version, description=version_description(plan))
 
 
 @dataclass(frozen=True)
 class AliasMove:
-    """What `move_champion` did: the new champion and the version it replaced (if any)."""
+    """What `move_champion` did: the version it replaced (if any), and whether it moved."""
 
-    champion: str
     previous: str | None
     changed: bool
 
@@ -326,8 +322,8 @@ def move_champion(client: MlflowClient, model_name: str, version: str) -> AliasM
     except MlflowException:
         current = None
     if current is not None and str(current) == str(version):
-        return AliasMove(str(version), None, False)
+        return AliasMove(None, False)
     if current is not None:
         client.set_registered_model_alias(model_name, names.PREVIOUS_CHAMPION_ALIAS, str(current))
     client.set_registered_model_alias(model_name, names.CHAMPION_ALIAS, str(version))
-    return AliasMove(str(version), str(current) if current is not None else None, True)
+    return AliasMove(str(current) if current is not None else None, True)

@@ -64,7 +64,6 @@ class StudyProgress:
 
 @dataclass(frozen=True)
 class StudyOutcome:
-    parent_run_id: str
     trained: tuple[str, ...]  # run ids trained now
     adopted: tuple[str, ...]  # finished run ids taken over from earlier parents
     failed: tuple[tuple[str, int, str], ...]  # (arch, seed, error)
@@ -122,7 +121,7 @@ def run_study(
     import mlflow
 
     from ecg_mlflow.tracking_server import end_run_once, is_unreachable, unavailable_error
-    from ecg_mlflow.train import run_name, train_and_log
+    from ecg_mlflow.train import log_unlogged_params, run_name, train_and_log
 
     parent = mlflow.active_run()
     if parent is None:
@@ -131,10 +130,9 @@ def run_study(
     parent_id = parent.info.run_id
     key = study_key(archs, base, manifest.digest)
     mlflow.set_tags({names.TAG_ROLE: names.ROLE_STUDY, TAG_STUDY_KEY: key})
-    logged = client.get_run(parent_id).data.params
     params = {**base.as_params(), "archs": ",".join(archs), "seeds": ",".join(map(str, seeds)),
               names.PARAM_DATA_DIGEST: manifest.digest}
-    mlflow.log_params({k: v for k, v in params.items() if k not in logged and k not in ("arch", "seed")})
+    log_unlogged_params(parent_id, {k: v for k, v in params.items() if k not in ("arch", "seed")})
 
     earlier = _earlier_finished_runs(client, parent.info.experiment_id, key, parent_id)
     status = StudyProgress(total=len(archs) * len(seeds))
@@ -173,4 +171,4 @@ def run_study(
             status.trained_seconds.append(time.perf_counter() - start)
             say(status.line(f"{name} finished in {status.trained_seconds[-1]:.1f} s"))
     mlflow.log_metrics({"runs_trained": len(trained), "runs_reused": len(adopted), "runs_failed": len(failed)})
-    return StudyOutcome(parent_id, tuple(trained), tuple(adopted), tuple(failed))
+    return StudyOutcome(tuple(trained), tuple(adopted), tuple(failed))

@@ -148,9 +148,9 @@ def log_results(study, config, run_id: str, ran: list[int], cache) -> TuneSummar
 
     from ecg_mlflow import tune as tuning
 
-    mine = [t for t in study.get_trials(deepcopy=False) if t.number in set(ran)]
-    states = tuning.count_states(mine)
-    everything = study.get_trials(deepcopy=False)
+    everything = study.get_trials(deepcopy=False)  # one snapshot of the shared storage
+    ran_here = set(ran)
+    states = tuning.count_states([t for t in everything if t.number in ran_here])
     study_trials = len(everything)
     finished = sum(t.state.is_finished() for t in everything)  # what best_head.json has seen
     metrics = {"worker_trials": len(ran), "study_trials": study_trials, "study_finished_trials": finished,

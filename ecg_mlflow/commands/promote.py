@@ -48,15 +48,15 @@ def promote(experiment: str, analysis_run: str, metric: str, model_name: str, fo
     import mlflow
 
     from ecg_mlflow.commands.tracking import tracked_run
+    from ecg_mlflow.train import log_unlogged_params
 
     try:
         # inside `mlflow run` the run is that run and already lives in its experiment
         with tracked_run(experiment, f"promote-{plan.arch}-s{plan.seed}",
                          {names.TAG_ROLE: names.ROLE_PROMOTE, names.TAG_STUDY: plan.study_run_id}) as run:
-            logged = client.get_run(run.info.run_id).data.params
-            params = {"model_name": plan.model_name, "metric": plan.metric, "force": str(plan.forced).lower(),
-                      "analysis_run_id": plan.analysis_run_id, "source_run_id": plan.source_run_id}
-            mlflow.log_params({k: v for k, v in params.items() if k not in logged})
+            log_unlogged_params(run.info.run_id, {
+                "model_name": plan.model_name, "metric": plan.metric, "force": str(plan.forced).lower(),
+                "analysis_run_id": plan.analysis_run_id, "source_run_id": plan.source_run_id})
             if plan.existing_version is not None:
                 version = plan.existing_version
                 outcome = "existing"

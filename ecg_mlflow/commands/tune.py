@@ -7,16 +7,13 @@ study. The search lives in `ecg_mlflow.tune`, its runs in `ecg_mlflow.tune_track
 
 from __future__ import annotations
 
-import sys
 from typing import Callable
 
 import click
 
 from ecg_mlflow import names
-from ecg_mlflow.commands.options import TRAIN_OPTIONS, stop_on_sigterm
+from ecg_mlflow.commands.options import TRAIN_OPTIONS, reported_errors, stop_on_sigterm
 from ecg_mlflow.commands.tracking import EXPERIMENT_HELP, tracked_run
-from ecg_mlflow.config import ConfigError
-from ecg_mlflow.dataset import DatasetError
 
 TUNE_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("n_trials", "30", "trials this worker runs"),
@@ -49,14 +46,11 @@ def tune(experiment: str, **raw: str) -> None:
     from ecg_mlflow.tune import open_study, parse_tune_config, redact_storage
     from ecg_mlflow.tune_tracking import tune_and_log
 
-    try:
-        config = parse_tune_config(**raw)
-    except ConfigError as exc:
-        raise click.BadParameter(str(exc)) from None
-    stop_on_sigterm()
     from ecg_mlflow.train import load_dataset
 
-    try:
+    with reported_errors("the running trial is marked FAIL in the study and its run KILLED"):
+        config = parse_tune_config(**raw)
+        stop_on_sigterm()
         # Bad data, storage or a study run with other settings fail before a run is opened.
         manifest = load_dataset(config.train.data)
         study, created = open_study(config, manifest.digest)
@@ -64,9 +58,4 @@ def tune(experiment: str, **raw: str) -> None:
                 names.TAG_TUNE_CREATED_STUDY: str(created).lower()}
         with tracked_run(experiment, f"tune-{config.study_name}", tags):
             summary = tune_and_log(config, manifest, study=study)
-    except (ConfigError, DatasetError) as exc:
-        raise click.BadParameter(str(exc)) from None
-    except KeyboardInterrupt:
-        click.echo("interrupted: the running trial is marked FAIL in the study and its run KILLED", err=True)
-        sys.exit(130)
     click.echo(summary.describe(redact_storage(config.storage)))
