@@ -87,12 +87,11 @@ def epoch_sample(data: str, height: int, width: int) -> tuple[np.ndarray, np.nda
     """EPOCH_SAMPLE images spread over the dataset, decoded once for every backbone's epoch."""
     from ecg_mlflow.dataset import build_manifest
     from ecg_mlflow.head import one_hot
-    from ecg_mlflow.preprocess import load_pixels
+    from ecg_mlflow.preprocess import load_batch
 
     manifest = build_manifest(data)
     sample = manifest.records[:: max(1, len(manifest.records) // EPOCH_SAMPLE)][:EPOCH_SAMPLE]
-    x = np.stack([load_pixels(manifest.path_of(r), height, width) for r in sample]).astype(np.float32)
-    return x, one_hot([r.label for r in sample])
+    return load_batch([manifest.path_of(r) for r in sample], height, width), one_hot([r.label for r in sample])
 
 
 def paper_epoch_seconds(arch: str, x: np.ndarray, y: np.ndarray) -> float:

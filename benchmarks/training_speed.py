@@ -49,20 +49,25 @@ def subset_manifest(data: str, per_class: int):
     return manifest.subset([p for paths in chosen.values() for p in paths[:per_class]])
 
 
-def paper_way(arch, weights, config, split, records, manifest, seed, epochs):
+def decoded_split(config, split, manifest, records):
+    """The split's images decoded once, held in memory (as the paper's way had them), and
+    the one-hot labels of train and val."""
+    from ecg_mlflow.head import one_hot
+    from ecg_mlflow.preprocess import load_batch
+
+    x = {s: load_batch([manifest.path_of(records[p]) for p in getattr(split, s)], config.image_height,
+                       config.image_width) for s in ("train", "val", "test")}
+    y = {s: one_hot([records[p].label for p in getattr(split, s)]) for s in ("train", "val")}
+    return x, y
+
+
+def paper_way(arch, weights, config, x, y, seed, epochs):
     """model.fit on images: the frozen backbone runs over train and val every epoch."""
     import keras
 
     from ecg_mlflow.backbones import build_feature_extractor
-    from ecg_mlflow.head import build_head, one_hot
-    from ecg_mlflow.preprocess import load_pixels
+    from ecg_mlflow.head import build_head
 
-    def pixels(relpaths):
-        return np.stack([load_pixels(manifest.path_of(records[p]), config.image_height,
-                                     config.image_width) for p in relpaths]).astype(np.float32)
-
-    x = {s: pixels(getattr(split, s)) for s in ("train", "val", "test")}
-    y = {s: one_hot([records[p].label for p in getattr(split, s)]) for s in ("train", "val")}
     extractor = build_feature_extractor(arch, weights, config.image_height, config.image_width)
     start = time.perf_counter()
     import tensorflow as tf
@@ -77,7 +82,7 @@ def paper_way(arch, weights, config, split, records, manifest, seed, epochs):
     model.fit(x["train"], y["train"], validation_data=(x["val"], y["val"]),
               batch_size=config.batch_size, epochs=epochs, shuffle=False, verbose=0)
     seconds = time.perf_counter() - start
-    passes = epochs * (len(split.train) + len(split.val))
+    passes = epochs * (len(x["train"]) + len(x["val"]))
     return seconds, passes, np.asarray(model.predict(x["test"], verbose=0))
 
 
@@ -109,11 +114,11 @@ def main() -> None:
     split = make_split(manifest, "paper", args.seed)
     records = {r.relpath: r for r in manifest.records}
     config = parse_train_config(image_height=str(args.image_height), image_width=str(args.image_width))
+    x, y = decoded_split(config, split, manifest, records)
     rows = []
     for arch in args.archs.split(","):
         print(f"{arch}: paper's way ...", flush=True)
-        paper_s, paper_passes, paper_probs = paper_way(
-            arch, "none", config, split, records, manifest, args.seed, args.epochs)
+        paper_s, paper_passes, paper_probs = paper_way(arch, "none", config, x, y, args.seed, args.epochs)
         print(f"{arch}: this project's way ...", flush=True)
         ours_s, our_passes, our_probs = project_way(arch, "none", config, split, manifest, args.seed, args.epochs)
         agree = float((paper_probs.argmax(1) == our_probs.argmax(1)).mean())

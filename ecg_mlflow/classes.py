@@ -8,13 +8,6 @@ CLASSES: tuple[str, ...] = ("MI", "HMI", "AHB", "NORM")
 CLASS_SLUGS: dict[str, str] = {cls: cls.lower() for cls in CLASSES}
 """Lower-case names used in metric and column names (`test_f1_mi`, `prob_mi`)."""
 
-CLASS_DESCRIPTIONS: dict[str, str] = {
-    "MI": "myocardial infarction",
-    "HMI": "history of myocardial infarction",
-    "AHB": "abnormal heartbeat",
-    "NORM": "normal",
-}
-
 MENDELEY_FOLDERS: dict[str, str] = {
     "ECG Images of Myocardial Infarction Patients (240x12=2880)": "MI",
     "ECG Images of Patient that have History of MI (172x12=2064)": "HMI",

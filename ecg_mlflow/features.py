@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ecg_mlflow.backbones import get_spec, weights_identity
-from ecg_mlflow.preprocess import load_pixels
+from ecg_mlflow.preprocess import load_batch
 
 FEATURE_BATCH_SIZE = 8
 _CHECKSUM_BYTES = 32
@@ -194,9 +194,7 @@ def _run_backbone(extractor, shas: Sequence[str], paths_by_sha, key: FeatureKey,
     from tqdm import tqdm
 
     def decode(batch: Sequence[str]) -> np.ndarray:
-        return np.stack(
-            [load_pixels(paths_by_sha[s], key.height, key.width, key.crop) for s in batch]
-        ).astype(np.float32)
+        return load_batch([paths_by_sha[s] for s in batch], key.height, key.width, key.crop)
 
     batches = [shas[i : i + FEATURE_BATCH_SIZE] for i in range(0, len(shas), FEATURE_BATCH_SIZE)]
     bar = tqdm(

@@ -21,7 +21,6 @@ MENDELEY_URL = "https://data.mendeley.com/public-api/zip/gwbz3fsgp8/download/2"
 (DOI 10.17632/gwbz3fsgp8.2, CC BY 4.0)."""
 
 FACTS_RESOURCE = "mendeley-v2-originals.csv"
-FACT_COLUMNS: tuple[str, ...] = ("relpath", "class", "sha256", "bytes", "width", "height")
 
 # Exit codes of `data verify` / `data download`: a bit per kind of mismatch. 1 and 2 stay
 # free for click's own errors (bad usage, unreadable folder).

@@ -125,7 +125,7 @@ def load_pixels(source: bytes | str | Path, height: int, width: int, crop: str =
     """
     if height < 1 or width < 1:
         raise ValueError(f"height and width must be positive, got {height} x {width}")
-    box = crop_box((1, 1), crop)  # validates crop before any decoding
+    crop_box((1, 1), crop)  # validates crop before any decoding
     image = decode(open_image(source))
     image = to_rgb(ImageOps.exif_transpose(image))
     box = crop_box(image.size, crop)
@@ -134,3 +134,10 @@ def load_pixels(source: bytes | str | Path, height: int, width: int, crop: str =
     if image.size != (width, height):
         image = image.resize((width, height), RESAMPLE)
     return np.asarray(image, dtype=np.uint8)
+
+
+def load_batch(sources, height: int, width: int, crop: str = "none") -> np.ndarray:
+    """`load_pixels` over `sources`, stacked as the float32 batch a backbone takes. The feature
+    cache and the logged model's check both build their batches here, so the network sees the
+    very same array either way."""
+    return np.stack([load_pixels(source, height, width, crop) for source in sources]).astype(np.float32)

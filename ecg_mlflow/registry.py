@@ -258,7 +258,7 @@ def version_tags(plan: PromotionPlan, promote_run_id: str) -> dict[str, str]:
             tags[key] = plan.source_params[key]
     tags.update({k: f"{v:.6g}" for k, v in sorted(plan.p_values.items())})
     for metric in names.SUMMARY_METRICS + ("roc_auc_macro",):
-        for split in ("test", "val"):
+        for split in names.EVAL_SPLITS:
             key = names.split_metric(split, metric)
             if key in plan.source_metrics:
                 tags[key] = f"{plan.source_metrics[key]:.6g}"

@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ecg_mlflow.beats import LEAD_INDEX, EcgRecord, synthesize_ecg
 from ecg_mlflow.classes import CLASSES, MENDELEY_FOLDERS
+from ecg_mlflow.preprocess import crop_box
 
 DEFAULT_WIDTH = 2213
 DEFAULT_HEIGHT = 1572
@@ -36,10 +37,9 @@ CLASS_FOLDERS: dict[str, str] = {cls: folder for folder, cls in MENDELEY_FOLDERS
 FILE_PREFIXES: dict[str, str] = {"MI": "MI", "HMI": "PMI", "AHB": "HB", "NORM": "Normal"}
 """File name stems of the real set: `MI(1).jpg`, `PMI(1).jpg`, `HB(1).jpg`, `Normal(1).jpg`."""
 
-GRID_BOX = (72 / 2213, 287 / 1572, 2173 / 2213, 1514 / 1572)
-"""The trace grid as fractions of the page (x0, y0, x1, y1), as on the real reports."""
 GRID_MM = (266.8, 155.8)
-"""Size of that box in millimetres at 200 dpi (7.874 px/mm on a 2213 x 1572 page)."""
+"""Size of the trace grid (preprocess.GRID_BOX, where `crop=grid` cuts) in millimetres at
+200 dpi (7.874 px/mm on a 2213 x 1572 page)."""
 
 # Layout inside the grid box, in mm from its top-left corner.
 ROWS: tuple[tuple[str, ...], ...] = (
@@ -86,8 +86,7 @@ class _PageGeometry:
 
     @classmethod
     def of(cls, width: int, height: int) -> _PageGeometry:
-        x0, y0 = round(GRID_BOX[0] * width), round(GRID_BOX[1] * height)
-        x1, y1 = round(GRID_BOX[2] * width), round(GRID_BOX[3] * height)
+        x0, y0, x1, y1 = crop_box((width, height), "grid")
         return cls(width, height, (x0, y0, x1, y1), (x1 - x0) / GRID_MM[0], (y1 - y0) / GRID_MM[1])
 
     @property

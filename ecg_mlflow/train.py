@@ -82,8 +82,8 @@ def train_and_log(
         ),
     )
     time_head = time.perf_counter() - start
-    probabilities = {s: np.asarray(head.predict(data.x(s), verbose=0)) for s in ("val", "test")}
-    labels = {s: data.labels(s) for s in ("val", "test")}
+    probabilities = {s: np.asarray(head.predict(data.x(s), verbose=0)) for s in names.EVAL_SPLITS}
+    labels = {s: data.labels(s) for s in names.EVAL_SPLITS}
     records = data.records
 
     from ecg_mlflow.evaluation import evaluate

@@ -59,11 +59,10 @@ def pinned_requirements(*packages: str) -> list[str]:
 def log_whole_model(config: TrainConfig, head, image_paths, features, say) -> float:
     import mlflow
 
-    from ecg_mlflow.preprocess import load_pixels
+    from ecg_mlflow.preprocess import load_batch
 
     model = assemble_model(config, head)
-    pixels = np.stack([load_pixels(p, config.image_height, config.image_width, config.crop)
-                       for p in image_paths]).astype(np.float32)
+    pixels = load_batch(image_paths, config.image_height, config.image_width, config.crop)
     diff = check_model_matches_head(model, head, pixels, features)
     mlflow.log_metric("model_max_abs_diff", diff)
     say(f"whole model equals head on cached features (max abs diff {diff:.1e}); logging it")

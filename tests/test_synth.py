@@ -33,10 +33,10 @@ from ecg_mlflow.beats import (
 )
 from ecg_mlflow.classes import CLASSES, MENDELEY_FOLDERS
 from ecg_mlflow.cli import main
+from ecg_mlflow.preprocess import GRID_BOX
 from ecg_mlflow.synth import (
     CLASS_FOLDERS,
     FILE_PREFIXES,
-    GRID_BOX,
     ROW_BASELINES_MM,
     GRID_MM,
     write_synthetic_dataset,
@@ -341,10 +341,8 @@ def test_small_pages_look_like_reports(small_set):
 
 
 def test_default_size_page_and_crop_grid(tmp_path):
-    from ecg_mlflow.preprocess import GRID_BOX as PREPROCESS_GRID_BOX
     from ecg_mlflow.preprocess import crop_box, load_pixels
 
-    assert PREPROCESS_GRID_BOX == GRID_BOX
     summary = write_synthetic_dataset(tmp_path / "full", per_class=1, seed=11)
     for cls in CLASSES:
         path = summary.out / CLASS_FOLDERS[cls] / f"{FILE_PREFIXES[cls]}(1).jpg"
