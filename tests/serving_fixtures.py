@@ -24,6 +24,7 @@ import requests
 
 from analysis import schema
 from ecg_mlflow import names
+from team_study import demo_set
 
 VENV_BIN = Path(sys.executable).parent
 SMALL = {"weights": "none", "image_height": "64", "image_width": "128", "max_epochs": "3"}
@@ -60,13 +61,7 @@ def experiment_id(name: str, root: Path) -> str:
 
 def shared_demo_set(tmp_path_factory) -> Path:
     """24 synthetic reports (6 per class), written once per session."""
-    from ecg_mlflow.synth import write_synthetic_dataset
-
-    out = tmp_path_factory.getbasetemp() / "serving-demo-set"
-    if not (out / "done").exists():
-        write_synthetic_dataset(out / "data", per_class=6, seed=0, width=442, height=314)
-        (out / "done").write_text("ok")
-    return out / "data"
+    return demo_set(tmp_path_factory.getbasetemp())
 
 
 def shared_cache(tmp_path_factory) -> Path:

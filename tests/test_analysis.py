@@ -19,6 +19,8 @@ from ecg_mlflow import names
 from ecg_mlflow.classes import CLASSES
 from ecg_mlflow.cli import main
 
+from conftest import PROJECT_ROOT
+
 ARCHS = ("resnet50", "efficientnetv2s")
 EXPERIMENT = "ecg-test"
 N_IMAGES = 48
@@ -370,10 +372,9 @@ def test_mlflow_run_analyze_entry_point_logs_into_the_project_run(tracking_uri, 
 
     builder = StudyBuilder(tmp_path)
     study_id = builder.full_study()
-    project_root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     completed = subprocess.run(
-        [sys.executable, "-m", "mlflow", "run", str(project_root), "-e", "analyze", "--env-manager", "local",
+        [sys.executable, "-m", "mlflow", "run", str(PROJECT_ROOT), "-e", "analyze", "--env-manager", "local",
          "--experiment-name", EXPERIMENT, "-P", f"experiment={EXPERIMENT}", "-P", f"study={study_id}",
          "-P", "metrics=accuracy,f1_macro"],
         env=env, capture_output=True, text=True, timeout=600,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,8 @@ from PIL import Image
 
 from ecg_mlflow.preprocess import MAX_PIXELS, ImageDecodeError, load_pixels
 
+from serving_fixtures import png_header_only
+
 MI_ORIGINAL = "ECG Images of Myocardial Infarction Patients (240x12=2880)/MI(1).jpg"
 
 
@@ -20,15 +20,6 @@ def _png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "PNG")
     return buf.getvalue()
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height pixels, with (almost) no pixel data."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
 
 
 def test_real_original_gives_uint8_rgb_of_requested_size(real_originals: Path) -> None:
@@ -97,7 +88,7 @@ def test_png_modes_become_rgb(image: Image.Image, expected: tuple[int, int, int]
 def test_too_large_fails_fast_before_decoding(width: int, height: int) -> None:
     assert width * height > MAX_PIXELS
     with pytest.raises(ImageDecodeError, match="too large"):
-        load_pixels(_png_header_only(width, height), 32, 32)
+        load_pixels(png_header_only(width, height), 32, 32)
 
 
 def test_bad_inputs_raise_image_decode_error(real_originals: Path, tmp_path: Path) -> None:

@@ -46,15 +46,14 @@ ARCH = "mobilenetv3large"
 def served(tmp_path_factory):
     """One real train run and the serving pyfunc logged from it, in a module-wide store."""
     root = tmp_path_factory.mktemp("serving-store")
-    with isolated_store(root) as uri:
+    with isolated_store(root):
         study = train_study("serving", root, shared_demo_set(tmp_path_factory), shared_cache(tmp_path_factory),
                             (ARCH,), (1,))
         source = study.runs[(ARCH, 1)]
-        with mlflow.start_run(experiment_id=study.experiment_id, run_name="serving") as run:
+        with mlflow.start_run(experiment_id=study.experiment_id, run_name="serving"):
             info = log_serving_model(source)
         model = mlflow.pyfunc.load_model(info.model_uri)
-        yield {"uri": uri, "root": root, "source": source, "info": info, "model": model,
-               "run_id": run.info.run_id, "experiment_id": study.experiment_id}
+        yield {"source": source, "info": info, "model": model, "experiment_id": study.experiment_id}
 
 
 @pytest.fixture(scope="module")

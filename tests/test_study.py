@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -20,8 +18,7 @@ from ecg_mlflow.study import parse_archs, parse_seeds
 from ecg_mlflow.synth import write_synthetic_dataset
 
 from conftest import PROJECT_ROOT
-
-VENV_BIN = Path(sys.executable).parent
+from serving_fixtures import server_env
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +112,7 @@ def test_bad_study_parameters_fail_before_any_run(demo_set, tracking_uri):
 
 @pytest.mark.slow
 def test_mlflow_run_study_then_analysis_matches_an_independent_recomputation(demo_set, tracking_uri, tmp_path):
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, TF_CPP_MIN_LOG_LEVEL="3")
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env['PATH']}"
+    env = server_env(tracking_uri)
     command = [
         "mlflow", "run", str(PROJECT_ROOT), "-e", "study", "--env-manager", "local",
         "--experiment-name", names.DEFAULT_EXPERIMENT,

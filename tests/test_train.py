@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import signal
 import subprocess
@@ -27,6 +26,7 @@ from ecg_mlflow.train import train_and_log
 from ecg_mlflow.whole_model import assemble_model, check_model_matches_head
 
 from conftest import PROJECT_ROOT
+from serving_fixtures import server_env
 
 VENV_BIN = Path(sys.executable).parent
 SCHEMA_PARAMS = (
@@ -44,12 +44,6 @@ def demo_set(tmp_path_factory) -> Path:
     return out
 
 
-def _env(tracking_uri: str) -> dict[str, str]:
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, TF_CPP_MIN_LOG_LEVEL="3")
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env['PATH']}"
-    return env
-
-
 def _runs(experiment: str = names.DEFAULT_EXPERIMENT):
     return mlflow.search_runs(experiment_names=[experiment], output_format="list")
 
@@ -62,7 +56,7 @@ def test_mlflow_run_main_logs_the_whole_run_schema(demo_set, tracking_uri, tmp_p
         "-P", "arch=resnet50", "-P", "seed=3", "-P", f"data={demo_set}", "-P", "weights=none",
         "-P", "image_height=128", "-P", "image_width=256", "-P", f"cache_dir={tmp_path / 'cache'}",
     ]
-    done = subprocess.run(command, env=_env(tracking_uri), capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, env=server_env(tracking_uri), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
 
     runs = _runs()
@@ -236,7 +230,7 @@ def test_sigterm_ends_the_run_killed_and_leaves_the_cache_sound(demo_set, tracki
         str(VENV_BIN / "ecg-mlflow"), "train", "--arch", "resnet50", "--data", str(demo_set),
         "--weights", "none", "--image-height", "256", "--image-width", "512", "--cache-dir", str(cache_dir),
     ]
-    process = subprocess.Popen(command, env=_env(tracking_uri), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, env=server_env(tracking_uri), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while time.time() < deadline and not list(cache_dir.rglob("*.f32")):
         time.sleep(0.2)

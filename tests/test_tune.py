@@ -19,7 +19,9 @@ from ecg_mlflow import tune as tuning
 from ecg_mlflow.config import HEAD_FIELDS, ConfigError
 from ecg_mlflow.head import HeadConfig
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from conftest import PROJECT_ROOT
+from team_study import demo_set
+
 ECG_MLFLOW = str(Path(sys.executable).with_name("ecg-mlflow"))
 TINY = {  # tiny synthetic images through a real backbone, short head training
     "arch": "vgg16", "weights": "none", "image_height": "64", "image_width": "128",
@@ -34,11 +36,7 @@ def tiny_args(data: Path, cache: Path, **extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
-    from ecg_mlflow.synth import write_synthetic_dataset
-
-    out = tmp_path_factory.mktemp("tune-data") / "ecg"
-    write_synthetic_dataset(out, per_class=6, seed=0, width=442, height=314)
-    return out
+    return demo_set(tmp_path_factory.getbasetemp())
 
 
 def quadratic(trial) -> float:
