@@ -15,7 +15,7 @@ from pathlib import Path
 from ecg_mlflow import head
 from ecg_mlflow.backbones import BACKBONES, check_image_size, BackboneError
 from ecg_mlflow.preprocess import CROPS
-from ecg_mlflow.splits import SPLIT_POLICIES
+from ecg_mlflow.names import SPLIT_POLICIES
 
 DEFAULT_DATA = "data/ecg-images"
 PAPER_HEIGHT = 512
@@ -73,7 +73,8 @@ class TrainConfig:
         return params
 
 
-def _int(name: str, raw, minimum: int = 0) -> int:
+def parse_int(name: str, raw, minimum: int = 0) -> int:
+    """An integer parameter of at least `minimum`, or one ConfigError naming it."""
     try:
         value = int(str(raw).strip())
     except ValueError:
@@ -163,14 +164,14 @@ def parse_train_config(**raw) -> TrainConfig:
     if "arch" in values:
         parsed["arch"] = _choice("arch", values["arch"], tuple(BACKBONES))
     if "seed" in values:
-        parsed["seed"] = _int("seed", values["seed"])
+        parsed["seed"] = parse_int("seed", values["seed"])
     if "data" in values:
         parsed["data"] = str(values["data"])
     if "weights" in values:
         parsed["weights"] = parse_weights(values["weights"])
     for key in ("image_height", "image_width"):
         if key in values:
-            parsed[key] = _int(key, values[key], minimum=1)
+            parsed[key] = parse_int(key, values[key], minimum=1)
             if parsed[key] > 4096:
                 raise ConfigError(f"{key} must be at most 4096, got {parsed[key]}")
     if "split" in values:
@@ -180,11 +181,11 @@ def parse_train_config(**raw) -> TrainConfig:
     if "learning_rate" in values:
         parsed["learning_rate"] = _float("learning_rate", values["learning_rate"], 0.0, 1.0)
     if "batch_size" in values:
-        parsed["batch_size"] = _int("batch_size", values["batch_size"], minimum=1)
+        parsed["batch_size"] = parse_int("batch_size", values["batch_size"], minimum=1)
     if "max_epochs" in values:
-        parsed["max_epochs"] = _int("max_epochs", values["max_epochs"], minimum=1)
+        parsed["max_epochs"] = parse_int("max_epochs", values["max_epochs"], minimum=1)
     if "patience" in values:
-        parsed["patience"] = _int("patience", values["patience"], minimum=0)
+        parsed["patience"] = parse_int("patience", values["patience"], minimum=0)
     if "dense_units" in values:
         parsed["dense_units"] = parse_dense_units(values["dense_units"])
     if "dropout" in values:

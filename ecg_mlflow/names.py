@@ -30,6 +30,10 @@ TUNE_STATE_COMPLETE = "complete"
 TUNE_STATE_PRUNED = "pruned"
 TUNE_STATE_FAILED = "failed"
 
+SPLIT_POLICIES: tuple[str, ...] = ("paper", "grouped")
+"""Values of the `split` parameter (see ecg_mlflow.splits); here so that parsing parameters,
+as every CLI command does at start, does not import the dataset layer and pandas."""
+
 # Params that every train run carries beside its entry point parameters.
 PARAM_DATA_DIGEST = "data_digest"
 PARAM_TEST_DIGEST = "test_digest"

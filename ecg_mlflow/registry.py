@@ -84,14 +84,17 @@ def parse_metric(raw: str) -> str:
 
 
 def parse_force(raw: str | bool) -> bool:
+    """config.parse_bool, taking a bool as it is and an empty value as false."""
+    from ecg_mlflow.config import ConfigError, parse_bool
+
     if isinstance(raw, bool):
         return raw
-    value = str(raw).strip().lower()
-    if value in ("true", "1", "yes"):
-        return True
-    if value in ("false", "0", "no", ""):
+    if not str(raw).strip():
         return False
-    raise PromotionError(f"force must be true or false, got {raw!r}")
+    try:
+        return parse_bool("force", raw)
+    except ConfigError as exc:
+        raise PromotionError(str(exc)) from None
 
 
 def parse_model_name(raw: str) -> str:

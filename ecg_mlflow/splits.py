@@ -19,9 +19,8 @@ import pandas as pd
 from ecg_mlflow.classes import CLASSES
 from ecg_mlflow.dataset import Manifest
 from ecg_mlflow.hashing import NEAR_DUPLICATE_DISTANCE, hamming, hash_matrix, near_pairs
-from ecg_mlflow.names import COL_RELPATH, COL_SHA256
+from ecg_mlflow.names import COL_RELPATH, COL_SHA256, SPLIT_POLICIES
 
-SPLIT_POLICIES: tuple[str, ...] = ("paper", "grouped")
 TEST_SEED = 42
 SUBSETS: tuple[str, ...] = ("train", "val", "test")
 COL_LABEL = "label"

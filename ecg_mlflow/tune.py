@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ecg_mlflow import head as paper
-from ecg_mlflow.config import ConfigError, TrainConfig, parse_train_config
+from ecg_mlflow.config import ConfigError, TrainConfig, parse_int, parse_train_config
 from ecg_mlflow.config import parse_seeds as config_parse_seeds
 from ecg_mlflow.head import HeadConfig
 
@@ -122,24 +122,14 @@ def parse_tune_config(
     if unknown:
         raise ConfigError(f"tune does not take parameter(s): {', '.join(sorted(unknown))}")
     train = parse_train_config(**train_raw)
-    try:
-        trials = int(str(n_trials).strip())
-    except ValueError:
-        raise ConfigError(f"n_trials must be an integer, got {n_trials!r}") from None
-    if trials < 1:
-        raise ConfigError(f"n_trials must be at least 1, got {trials}")
+    trials = parse_int("n_trials", n_trials, minimum=1)
     try:
         seconds = float(str(timeout).strip())
     except ValueError:
         raise ConfigError(f"timeout must be a number of seconds (0 = none), got {timeout!r}") from None
     if not math.isfinite(seconds) or seconds < 0:
         raise ConfigError(f"timeout must be a non-negative number of seconds, got {timeout!r}")
-    try:
-        base = int(str(sampler_seed).strip())
-    except ValueError:
-        raise ConfigError(f"sampler_seed must be an integer, got {sampler_seed!r}") from None
-    if base < 0:
-        raise ConfigError(f"sampler_seed must be non-negative, got {base}")
+    base = parse_int("sampler_seed", sampler_seed)
     name = str(study_name).strip() or f"ecg-head-{train.arch}"
     if not re.fullmatch(r"[\w.\-]{1,200}", name):
         raise ConfigError(f"study_name may hold letters, digits, '.', '-' and '_' only; got {study_name!r}")
