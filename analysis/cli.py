@@ -6,7 +6,9 @@ import os
 
 import click
 
-from ecg_mlflow.names import DEFAULT_EXPERIMENT
+from ecg_mlflow.parsing import ConfigError, parse_int
+from ecg_mlflow.schema import DEFAULT_EXPERIMENT
+from ecg_mlflow.tracking.runs import tracked_run
 
 DEFAULT_METRICS = "accuracy,precision_macro,recall_macro,f1_macro"
 
@@ -28,10 +30,10 @@ def analyze(experiment: str, study: str, metrics: str, alpha: str, n_resamples: 
     try:
         chosen = parse_metrics(metrics)
         level = parse_alpha(alpha)
-    except ValueError as error:
-        raise click.BadParameter(str(error)) from error
-    resamples = _parse_int(n_resamples, "--n-resamples", minimum=100)
-    seed = _parse_int(bootstrap_seed, "--bootstrap-seed", minimum=0)
+        resamples = parse_int("--n-resamples", n_resamples, minimum=100)
+        seed = parse_int("--bootstrap-seed", bootstrap_seed, minimum=0)
+    except ConfigError as error:
+        raise click.BadParameter(str(error)) from None
     # Inside `mlflow run` the project's run is the analysis run; otherwise a new child
     # run of the study.
     analyze_and_report(
@@ -58,6 +60,7 @@ def analyze_and_report(
     import warnings
 
     import mlflow
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     from analysis.gather import AnalysisWarning
     from analysis.report import terminal_table
@@ -78,13 +81,11 @@ def analyze_and_report(
         if issubclass(warning.category, AnalysisWarning):
             click.echo(f"warning: {warning.message}", err=True)
 
-    start = {} if into_active_run else {
-        "experiment_id": result.experiment_id,
-        "run_name": f"analysis-{result.study_run_id[:8]}",
-        "tags": {"mlflow.parentRunId": result.study_run_id},
-        "nested": mlflow.active_run() is not None,
-    }
-    with mlflow.start_run(**start) as run:
+    # Inside `mlflow run` the project's run is the analysis run; otherwise a new child run of
+    # the study (nested when the study run is active in this process).
+    tags = {} if into_active_run else {MLFLOW_PARENT_RUN_ID: result.study_run_id}
+    with tracked_run(experiment, f"analysis-{result.study_run_id[:8]}", tags,
+                     nested=mlflow.active_run() is not None) as run:
         log_analysis(result, run.info.run_id, study=study, experiment=experiment)
 
     click.echo(f"study {result.study_run_id}: {result.first} minus {result.second}, {result.n_pairs} seed pairs, "
@@ -95,13 +96,3 @@ def analyze_and_report(
     click.echo(f"winner: {result.winner} (primary metric {result.primary_metric}, significant={str(result.significant).lower()})")
     click.echo(f"analysis run: {run.info.run_id}")
     return result
-
-
-def _parse_int(text: str, option: str, minimum: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = minimum - 1
-    if value < minimum:
-        raise click.BadParameter(f"{option} must be an integer >= {minimum}, got {text!r}")
-    return value

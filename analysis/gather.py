@@ -1,6 +1,6 @@
 """Find a study and its finished train runs in MLflow, pair them by seed, load predictions.
 
-Reads only the run schema of DESIGN.md (`ecg_mlflow.names`): the study parent (tag
+Reads only the run schema of DESIGN.md (`ecg_mlflow.schema`): the study parent (tag
 `ecg.role=study`, params `archs` and `seeds`) and its train children (tags `ecg.role=train`,
 `ecg.study=<parent id>`, params, `test_*` metrics, the `test_predictions.csv` artifact).
 """
@@ -17,21 +17,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from ecg_mlflow import names
-from ecg_mlflow.classes import CLASSES
+from ecg_mlflow import schema
+from ecg_mlflow.schema import CLASSES
+from ecg_mlflow.tracking.search import (
+    LATEST, ExperimentNotFound, RunNotFound, filter_quote, find_experiment_id, find_run_of_role,
+    latest_run_of_role, search_all_runs,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
-LATEST = "latest"
-PARAM_ARCHS = "archs"
-PARAM_SEEDS = "seeds"
 MISSING = "<missing>"
-
-
-class RunNotFound(ValueError):
-    """The experiment or run named by the user does not exist, or is not the kind asked for."""
 
 
 class StudyNotFound(RunNotFound):
@@ -98,64 +95,27 @@ def _warn(message: str, collected: list[str]) -> None:
     warnings.warn(message, AnalysisWarning, stacklevel=3)
 
 
-def find_experiment_id(client: MlflowClient, experiment: str) -> str:
-    """The id of the experiment named `experiment`; StudyNotFound lists the ones that exist."""
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        known = sorted(e.name for e in client.search_experiments())
-        raise StudyNotFound(
-            f"unknown experiment {experiment!r}; experiments in this tracking store: "
-            f"{', '.join(known) or '(none)'}"
-        )
-    return found.experiment_id
-
-
 def find_study_run(client: MlflowClient, experiment_id: str, study: str) -> Run:
     """The study parent run: `latest` (newest run tagged ecg.role=study) or a run id."""
     if study == LATEST:
-        found = client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`{names.TAG_ROLE}` = {names.filter_quote(names.ROLE_STUDY)}",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if not found:
+        found = latest_run_of_role(client, experiment_id, schema.ROLE_STUDY)
+        if found is None:
             raise StudyNotFound(
-                f"no study run (tag {names.TAG_ROLE}={names.ROLE_STUDY}) in experiment id "
+                f"no study run (tag {schema.TAG_ROLE}={schema.ROLE_STUDY}) in experiment id "
                 f"{experiment_id}; run the `study` entry point first or pass --study <run id>"
             )
-        return found[0]
+        return found
     try:
-        return find_run_of_role(client, experiment_id, study, names.ROLE_STUDY)
+        return find_run_of_role(client, experiment_id, study, schema.ROLE_STUDY)
     except RunNotFound as exc:
         raise StudyNotFound(str(exc)) from None
 
 
-def find_run_of_role(client: MlflowClient, experiment_id: str, run_id: str, role: str) -> Run:
-    """The run `run_id`, checked to carry tag ecg.role=`role` and to belong to the experiment
-    the user named, so that a pasted id of the wrong run is refused rather than misread."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise RunNotFound(f"{role} run {run_id!r} not found in the tracking store") from None
-    found = run.data.tags.get(names.TAG_ROLE)
-    if found != role:
-        article = "an" if role[0] in "aeiou" else "a"
-        raise RunNotFound(f"run {run_id} is not {article} {role} run: tag {names.TAG_ROLE} is {found!r}, "
-                          f"expected {role!r}")
-    if run.info.experiment_id != experiment_id:
-        raise RunNotFound(f"run {run_id} belongs to experiment id {run.info.experiment_id}, not to the "
-                          f"requested experiment (id {experiment_id})")
-    return run
-
-
 def study_archs(study_run: Run) -> tuple[str, str]:
     """The two backbones of the study, in the order of its `archs` param (first minus second)."""
-    raw = study_run.data.params.get(PARAM_ARCHS)
+    raw = study_run.data.params.get(schema.PARAM_ARCHS)
     if raw is None:
-        raise PairingError(f"study run {study_run.info.run_id} has no {PARAM_ARCHS!r} param")
+        raise PairingError(f"study run {study_run.info.run_id} has no {schema.PARAM_ARCHS!r} param")
     archs = tuple(dict.fromkeys(a.strip() for a in raw.split(",") if a.strip()))
     if len(archs) != 2:
         raise PairingError(
@@ -167,7 +127,7 @@ def study_archs(study_run: Run) -> tuple[str, str]:
 
 def parse_seed_spec(spec: str) -> tuple[int, ...] | None:
     """`"1-10"`, `"1,2,5"` or `"1-3,7"` -> seeds; None when the text is not of that form."""
-    from ecg_mlflow.config import ConfigError, parse_seeds
+    from ecg_mlflow.parsing import ConfigError, parse_seeds
 
     try:
         return parse_seeds(spec)
@@ -185,18 +145,6 @@ def _to_train_run(run: Run) -> TrainRun:
     except ValueError as error:
         raise PairingError(f"train run {run.info.run_id} has a non-integer seed {seed!r}") from error
     return TrainRun(run.info.run_id, arch, seed_number, int(run.info.start_time or 0), params, dict(run.data.metrics))
-
-
-def search_all_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
-    """Every run that matches, page by page (one search returns at most 1000)."""
-    runs: list[Run] = []
-    token = None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 def pair_runs(
@@ -260,37 +208,40 @@ def check_pairs(seeds: tuple[int, ...], runs: dict[str, tuple[TrainRun, ...]], a
     differences = []
     for index, seed in enumerate(seeds):
         first, second = runs[archs[0]][index], runs[archs[1]][index]
-        for param in sorted((first.params.keys() | second.params.keys()) - names.PAIRING_EXEMPT_PARAMS):
+        for param in sorted((first.params.keys() | second.params.keys()) - schema.PAIRING_EXEMPT_PARAMS):
             a, b = first.params.get(param, MISSING), second.params.get(param, MISSING)
             if canonical_param(a) != canonical_param(b):
                 differences.append(f"  seed {seed}: {param}: {archs[0]}={a!r} vs {archs[1]}={b!r}")
     if differences:
         raise PairingError(
             f"{len(differences)} difference(s) between paired runs, which may differ only in "
-            f"{', '.join(sorted(names.PAIRING_EXEMPT_PARAMS))}:\n" + "\n".join(differences)
+            f"{', '.join(sorted(schema.PAIRING_EXEMPT_PARAMS))}:\n" + "\n".join(differences)
         )
 
 
-def gather_study(client: MlflowClient, experiment: str = names.DEFAULT_EXPERIMENT, study: str = LATEST) -> StudyPairs:
+def gather_study(client: MlflowClient, experiment: str = schema.DEFAULT_EXPERIMENT, study: str = LATEST) -> StudyPairs:
     """Find the study, its finished train runs, pair them by seed and validate the pairs.
 
     Raises StudyNotFound (unknown experiment or study) or PairingError (params differ
     within a pair, fewer than 2 pairs); warns (AnalysisWarning) about dropped or doubled seeds.
     """
     collected: list[str] = []
-    experiment_id = find_experiment_id(client, experiment)
+    try:
+        experiment_id = find_experiment_id(client, experiment)
+    except ExperimentNotFound as exc:
+        raise StudyNotFound(str(exc)) from None
     study_run = find_study_run(client, experiment_id, study)
     study_id = study_run.info.run_id
     archs = study_archs(study_run)
     children = search_all_runs(
         client,
         experiment_id,
-        f"tags.`{names.TAG_ROLE}` = {names.filter_quote(names.ROLE_TRAIN)} and tags.`{names.TAG_STUDY}` = {names.filter_quote(study_id)}",
+        f"tags.`{schema.TAG_ROLE}` = {filter_quote(schema.ROLE_TRAIN)} and tags.`{schema.TAG_STUDY}` = {filter_quote(study_id)}",
     )
     finished = [r for r in children if r.info.status == "FINISHED"]
     if len(finished) < len(children):
         _warn(f"ignoring {len(children) - len(finished)} train run(s) of the study that did not finish", collected)
-    declared = parse_seed_spec(study_run.data.params.get(PARAM_SEEDS, ""))
+    declared = parse_seed_spec(study_run.data.params.get(schema.PARAM_SEEDS, ""))
     seeds, paired = pair_runs([_to_train_run(r) for r in finished], archs, declared, collected)
     check_pairs(seeds, paired, archs)
     return StudyPairs(experiment_id, study_id, archs, seeds, paired, tuple(collected))
@@ -301,7 +252,7 @@ def _class_indices(values: pd.Series, run: TrainRun, column: str) -> np.ndarray:
     unknown = sorted({str(v) for v in values if str(v).upper() not in lookup})
     if unknown:
         raise PairingError(
-            f"{names.ARTIFACT_PREDICTIONS} of {run.label()}: column {column} has unknown classes "
+            f"{schema.ARTIFACT_PREDICTIONS} of {run.label()}: column {column} has unknown classes "
             f"{unknown}; allowed: {', '.join(CLASSES)}"
         )
     return np.array([lookup[str(v).upper()] for v in values], dtype=np.int64)
@@ -309,16 +260,16 @@ def _class_indices(values: pd.Series, run: TrainRun, column: str) -> np.ndarray:
 
 def read_predictions(path: Path, run: TrainRun) -> pd.DataFrame:
     """One run's test_predictions.csv, checked against the schema and sorted by relpath."""
-    frame = pd.read_csv(path, dtype={names.COL_RELPATH: str, names.COL_SHA256: str})
-    missing = [c for c in names.PREDICTION_COLUMNS if c not in frame.columns]
+    frame = pd.read_csv(path, dtype={schema.COL_RELPATH: str, schema.COL_SHA256: str})
+    missing = [c for c in schema.PREDICTION_COLUMNS if c not in frame.columns]
     if missing:
-        raise PairingError(f"{names.ARTIFACT_PREDICTIONS} of {run.label()} lacks columns {missing}")
+        raise PairingError(f"{schema.ARTIFACT_PREDICTIONS} of {run.label()} lacks columns {missing}")
     if frame.empty:
-        raise PairingError(f"{names.ARTIFACT_PREDICTIONS} of {run.label()} has no rows")
-    doubled = frame[names.COL_RELPATH][frame[names.COL_RELPATH].duplicated()].tolist()
+        raise PairingError(f"{schema.ARTIFACT_PREDICTIONS} of {run.label()} has no rows")
+    doubled = frame[schema.COL_RELPATH][frame[schema.COL_RELPATH].duplicated()].tolist()
     if doubled:
-        raise PairingError(f"{names.ARTIFACT_PREDICTIONS} of {run.label()} lists images twice: {doubled[:5]}")
-    return frame.sort_values(names.COL_RELPATH, kind="stable").reset_index(drop=True)
+        raise PairingError(f"{schema.ARTIFACT_PREDICTIONS} of {run.label()} lists images twice: {doubled[:5]}")
+    return frame.sort_values(schema.COL_RELPATH, kind="stable").reset_index(drop=True)
 
 
 def load_predictions(client: MlflowClient, pairs: StudyPairs) -> TestPredictions:
@@ -332,22 +283,22 @@ def load_predictions(client: MlflowClient, pairs: StudyPairs) -> TestPredictions
         for arch in pairs.archs:
             for run in pairs.runs[arch]:
                 try:
-                    local = client.download_artifacts(run.run_id, names.ARTIFACT_PREDICTIONS, str(Path(tmp) / run.run_id))
+                    local = client.download_artifacts(run.run_id, schema.ARTIFACT_PREDICTIONS, str(Path(tmp) / run.run_id))
                 except (MlflowException, OSError) as error:
-                    raise PairingError(f"{run.label()} has no {names.ARTIFACT_PREDICTIONS} artifact") from error
+                    raise PairingError(f"{run.label()} has no {schema.ARTIFACT_PREDICTIONS} artifact") from error
                 frame = read_predictions(Path(local), run)
                 if reference is None:
                     reference = (run, frame)
                 else:
                     _check_same_test_set(reference, (run, frame))
-                predicted[arch].append(_class_indices(frame[names.COL_PRED], run, names.COL_PRED))
-                probabilities[arch].append(frame[list(names.PROB_COLUMNS)].to_numpy(dtype=float))
+                predicted[arch].append(_class_indices(frame[schema.COL_PRED], run, schema.COL_PRED))
+                probabilities[arch].append(frame[list(schema.PROB_COLUMNS)].to_numpy(dtype=float))
     if reference is None:
         raise PairingError(f"study run {pairs.study_run_id} has no paired train runs to load")
     ref_run, ref_frame = reference
     return TestPredictions(
-        relpaths=tuple(ref_frame[names.COL_RELPATH]),
-        true=_class_indices(ref_frame[names.COL_TRUE], ref_run, names.COL_TRUE),
+        relpaths=tuple(ref_frame[schema.COL_RELPATH]),
+        true=_class_indices(ref_frame[schema.COL_TRUE], ref_run, schema.COL_TRUE),
         predicted={a: np.stack(v) for a, v in predicted.items()},
         probabilities={a: np.stack(v) for a, v in probabilities.items()},
     )
@@ -355,7 +306,7 @@ def load_predictions(client: MlflowClient, pairs: StudyPairs) -> TestPredictions
 
 def _check_same_test_set(reference: tuple[TrainRun, pd.DataFrame], other: tuple[TrainRun, pd.DataFrame]) -> None:
     (ref_run, ref), (run, frame) = reference, other
-    columns = [names.COL_RELPATH, names.COL_SHA256, names.COL_TRUE]
+    columns = [schema.COL_RELPATH, schema.COL_SHA256, schema.COL_TRUE]
     if len(ref) != len(frame) or not ref[columns].astype(str).equals(frame[columns].astype(str)):
         raise PairingError(
             f"{run.label()} was scored on a different test set than {ref_run.label()} "

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from analysis import schema
+from ecg_mlflow import schema
 
 if TYPE_CHECKING:
     from analysis.run import StudyAnalysis

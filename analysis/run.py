@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from analysis import schema
 from analysis.gather import LATEST, StudyPairs, gather_study, load_predictions
 from analysis.stats import (
     DEFAULT_RESAMPLES,
@@ -29,8 +28,9 @@ from analysis.stats import (
     mcnemar_exact,
     paired_bootstrap,
 )
-from ecg_mlflow import names
-from ecg_mlflow.classes import CLASSES
+from ecg_mlflow import schema
+from ecg_mlflow.parsing import ConfigError
+from ecg_mlflow.schema import CLASSES
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -40,28 +40,28 @@ MCNEMAR_METRIC = "accuracy"
 
 
 def parse_metrics(text: str | Sequence[str]) -> tuple[str, ...]:
-    """`"accuracy,f1_macro"` -> ("accuracy", "f1_macro"); ValueError names the bad entry."""
+    """`"accuracy,f1_macro"` -> ("accuracy", "f1_macro"); ConfigError names the bad entry."""
     items = [m.strip() for m in text.split(",")] if isinstance(text, str) else [str(m).strip() for m in text]
     items = [m for m in items if m]
     if not items:
-        raise ValueError(f"metrics is empty; allowed: {', '.join(SUPPORTED_METRICS)}")
+        raise ConfigError(f"metrics is empty; allowed: {', '.join(SUPPORTED_METRICS)}")
     for metric in items:
         if metric not in SUPPORTED_METRICS:
-            raise ValueError(f"metrics: unknown metric {metric!r}; allowed: {', '.join(SUPPORTED_METRICS)}")
+            raise ConfigError(f"metrics: unknown metric {metric!r}; allowed: {', '.join(SUPPORTED_METRICS)}")
     doubled = sorted({m for m in items if items.count(m) > 1})
     if doubled:
-        raise ValueError(f"metrics: {', '.join(doubled)} listed more than once")
+        raise ConfigError(f"metrics: {', '.join(doubled)} listed more than once")
     return tuple(items)
 
 
 def parse_alpha(text: str | float) -> float:
-    """alpha as a number strictly between 0 and 1; ValueError otherwise."""
+    """alpha as a number strictly between 0 and 1; ConfigError otherwise."""
     try:
         alpha = float(text)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"alpha must be a number strictly between 0 and 1, got {text!r}") from error
+        raise ConfigError(f"alpha must be a number strictly between 0 and 1, got {text!r}") from error
     if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be a number strictly between 0 and 1, got {text!r}")
+        raise ConfigError(f"alpha must be a number strictly between 0 and 1, got {text!r}")
     return alpha
 
 
@@ -180,9 +180,9 @@ def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
 
 def _per_class(pairs: StudyPairs, confidence: float) -> tuple[ClassSummary, ...]:
     rows = []
-    for metric in names.PER_CLASS_METRICS:
+    for metric in schema.PER_CLASS_METRICS:
         for cls in CLASSES:
-            key = names.class_metric("test", metric, cls)
+            key = schema.class_metric("test", metric, cls)
             if not all(key in r.metrics for arch in pairs.archs for r in pairs.runs[arch]):
                 continue
             for arch in pairs.archs:
@@ -192,7 +192,7 @@ def _per_class(pairs: StudyPairs, confidence: float) -> tuple[ClassSummary, ...]
 
 def analyze_study(
     client: MlflowClient | None = None,
-    experiment: str = names.DEFAULT_EXPERIMENT,
+    experiment: str = schema.DEFAULT_EXPERIMENT,
     study: str = LATEST,
     metrics: str | Sequence[str] = SUPPORTED_METRICS,
     alpha: float | str = 0.05,
@@ -241,8 +241,8 @@ def analyze_study(
             metric,
             first,
             second,
-            pairs.values(first, names.split_metric("test", metric)),
-            pairs.values(second, names.split_metric("test", metric)),
+            pairs.values(first, schema.split_metric("test", metric)),
+            pairs.values(second, schema.split_metric("test", metric)),
             alpha=level,
             k=k,
             bootstrap=boot[metric],
@@ -269,10 +269,10 @@ def analyze_study(
 
 
 def analysis_tags(analysis: StudyAnalysis) -> dict[str, str]:
-    """Tags of the analysis run (see `analysis.schema`)."""
+    """Tags of the analysis run (see `ecg_mlflow.schema`)."""
     tags = {
-        names.TAG_ROLE: names.ROLE_ANALYSIS,
-        names.TAG_STUDY: analysis.study_run_id,
+        schema.TAG_ROLE: schema.ROLE_ANALYSIS,
+        schema.TAG_STUDY: analysis.study_run_id,
         schema.TAG_PRIMARY_METRIC: analysis.primary_metric,
         schema.TAG_WINNER: analysis.winner,
         schema.TAG_SIGNIFICANT: str(analysis.significant).lower(),
@@ -328,7 +328,7 @@ def log_analysis(
     run_id: str,
     *,
     study: str | None = None,
-    experiment: str = names.DEFAULT_EXPERIMENT,
+    experiment: str = schema.DEFAULT_EXPERIMENT,
     client: MlflowClient | None = None,
 ) -> None:
     """Log tags, params, metrics and the report artifacts into the (already open) run `run_id`.

@@ -53,9 +53,9 @@ def train_tiny_model(root: Path, args: argparse.Namespace) -> str:
     """One real train run at the requested size; returns its run id."""
     import mlflow
 
-    from ecg_mlflow import names
+    from ecg_mlflow import schema
     from ecg_mlflow.config import parse_train_config
-    from ecg_mlflow.synth import write_synthetic_dataset
+    from ecg_mlflow.synth.reports import write_synthetic_dataset
     from ecg_mlflow.train import train_and_log
 
     data = root / "data"
@@ -63,7 +63,7 @@ def train_tiny_model(root: Path, args: argparse.Namespace) -> str:
     config = parse_train_config(arch=args.arch, seed="1", data=str(data), weights="none",
                                 image_height=args.image_height, image_width=args.image_width,
                                 max_epochs="2", cache_dir=str(root / "cache"))
-    with mlflow.start_run(run_name="serving-benchmark-train", tags={names.TAG_ROLE: names.ROLE_TRAIN}) as run:
+    with mlflow.start_run(run_name="serving-benchmark-train", tags={schema.TAG_ROLE: schema.ROLE_TRAIN}) as run:
         train_and_log(config, progress=False)
     return run.info.run_id
 
@@ -140,7 +140,8 @@ def main() -> None:
     import pandas as pd
     import requests
 
-    from ecg_mlflow.serving import IMAGE_COLUMN, log_serving_model
+    from ecg_mlflow.serving.pyfunc import IMAGE_COLUMN
+    from ecg_mlflow.serving.packaging import log_serving_model
 
     with tempfile.TemporaryDirectory(prefix="ecg-serving-bench-") as tmp:
         root = Path(tmp)

@@ -69,25 +69,25 @@ def tracked(experiment: str):
     from mlflow import MlflowClient
 
     from analysis.gather import LATEST, find_experiment_id, find_study_run, search_all_runs
-    from ecg_mlflow import names
+    from ecg_mlflow import schema
 
     client = MlflowClient()
     experiment_id = find_experiment_id(client, experiment)
     parent = find_study_run(client, experiment_id, LATEST)
 
     def of_study(role: str) -> list:
-        return search_all_runs(client, experiment_id, f"tags.`{names.TAG_ROLE}` = {names.filter_quote(role)} and "
-                                                      f"tags.`{names.TAG_STUDY}` = {names.filter_quote(parent.info.run_id)}")
+        return search_all_runs(client, experiment_id, f"tags.`{schema.TAG_ROLE}` = {schema.filter_quote(role)} and "
+                                                      f"tags.`{schema.TAG_STUDY}` = {schema.filter_quote(parent.info.run_id)}")
 
-    analysis = max(of_study(names.ROLE_ANALYSIS), key=lambda run: run.info.start_time)
-    return parent, of_study(names.ROLE_TRAIN), analysis
+    analysis = max(of_study(schema.ROLE_ANALYSIS), key=lambda run: run.info.start_time)
+    return parent, of_study(schema.ROLE_TRAIN), analysis
 
 
 def epoch_sample(data: str, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """EPOCH_SAMPLE images spread over the dataset, decoded once for every backbone's epoch."""
-    from ecg_mlflow.dataset import build_manifest
-    from ecg_mlflow.head import one_hot
-    from ecg_mlflow.preprocess import load_batch
+    from ecg_mlflow.data.manifest import build_manifest
+    from ecg_mlflow.model.head import one_hot
+    from ecg_mlflow.data.preprocess import load_batch
 
     manifest = build_manifest(data)
     sample = manifest.records[:: max(1, len(manifest.records) // EPOCH_SAMPLE)][:EPOCH_SAMPLE]
@@ -98,8 +98,8 @@ def paper_epoch_seconds(arch: str, x: np.ndarray, y: np.ndarray) -> float:
     """Seconds per image per epoch of model.fit on images through the frozen backbone."""
     import keras
 
-    from ecg_mlflow.backbones import build_feature_extractor
-    from ecg_mlflow.head import build_head
+    from ecg_mlflow.model.backbones import build_feature_extractor
+    from ecg_mlflow.model.head import build_head
 
     height, width = x.shape[1:3]
     extractor = build_feature_extractor(arch, "none", height, width)
@@ -113,12 +113,12 @@ def paper_epoch_seconds(arch: str, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def leakage_rows(children) -> list[list[object]]:
-    from ecg_mlflow import names
+    from ecg_mlflow import schema
 
     run = children[0]
-    n_test = int(run.data.params[names.PARAM_N_TEST])
-    exact = int(run.data.metrics[names.METRIC_LEAKAGE_EXACT])
-    near = int(run.data.metrics[names.METRIC_LEAKAGE_NEAR])
+    n_test = int(run.data.params[schema.PARAM_N_TEST])
+    exact = int(run.data.metrics[schema.METRIC_LEAKAGE_EXACT])
+    near = int(run.data.metrics[schema.METRIC_LEAKAGE_NEAR])
     return [n_test, exact, f"{exact / n_test:.1%}", near, f"{near / n_test:.1%}"]
 
 
@@ -134,7 +134,7 @@ def main() -> None:
 
     from report import machine, markdown_table, write_section
 
-    from ecg_mlflow import names
+    from ecg_mlflow import schema
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -150,9 +150,9 @@ def main() -> None:
     wall = {split: seconds(found[split][0]) for split in found}
 
     parent, children, _ = found["paper"]
-    extraction = sum(r.data.metrics[names.METRIC_TIME_FEATURES] for r in children
+    extraction = sum(r.data.metrics[schema.METRIC_TIME_FEATURES] for r in children
                      if r.data.metrics.get("cache_misses", 0) > 0)
-    head_time = sum(r.data.metrics[names.METRIC_TIME_HEAD] for r in children)
+    head_time = sum(r.data.metrics[schema.METRIC_TIME_HEAD] for r in children)
     height, width = int(args.image_height), int(args.image_width)
     paper_total = 0.0
     per_image = {}
@@ -160,8 +160,8 @@ def main() -> None:
     for arch in ARCHS:
         per_image[arch] = paper_epoch_seconds(arch, x, y)
         for run in (r for r in children if r.data.params["arch"] == arch):
-            images = int(run.data.params[names.PARAM_N_TRAIN]) + int(run.data.params[names.PARAM_N_VAL])
-            paper_total += per_image[arch] * images * run.data.metrics[names.METRIC_STOPPED_EPOCH]
+            images = int(run.data.params[schema.PARAM_N_TRAIN]) + int(run.data.params[schema.PARAM_N_VAL])
+            paper_total += per_image[arch] * images * run.data.metrics[schema.METRIC_STOPPED_EPOCH]
     n_runs = len(children)
     rows = [
         ["feature extraction alone (runs that missed the cache)", f"{extraction:.0f}", "1.00"],
@@ -176,7 +176,7 @@ def main() -> None:
     print(table)
     if args.no_write:
         return
-    epochs = {a: [r.data.metrics[names.METRIC_STOPPED_EPOCH] for r in children if r.data.params["arch"] == a]
+    epochs = {a: [r.data.metrics[schema.METRIC_STOPPED_EPOCH] for r in children if r.data.params["arch"] == a]
               for a in ARCHS}
     body = (
         f"`benchmarks/study_real_data.py --seeds {args.seeds} --image-height {height} --image-width {width}`: "

@@ -40,7 +40,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def subset_manifest(data: str, per_class: int):
-    from ecg_mlflow.dataset import build_manifest
+    from ecg_mlflow.data.manifest import build_manifest
 
     manifest = build_manifest(data)
     chosen: dict[str, list[str]] = {}
@@ -52,8 +52,8 @@ def subset_manifest(data: str, per_class: int):
 def decoded_split(config, split, manifest, records):
     """The split's images decoded once, held in memory (as the paper's way had them), and
     the one-hot labels of train and val."""
-    from ecg_mlflow.head import one_hot
-    from ecg_mlflow.preprocess import load_batch
+    from ecg_mlflow.model.head import one_hot
+    from ecg_mlflow.data.preprocess import load_batch
 
     x = {s: load_batch([manifest.path_of(records[p]) for p in getattr(split, s)], config.image_height,
                        config.image_width) for s in ("train", "val", "test")}
@@ -65,8 +65,8 @@ def paper_way(arch, weights, config, x, y, seed, epochs):
     """model.fit on images: the frozen backbone runs over train and val every epoch."""
     import keras
 
-    from ecg_mlflow.backbones import build_feature_extractor
-    from ecg_mlflow.head import build_head
+    from ecg_mlflow.model.backbones import build_feature_extractor
+    from ecg_mlflow.model.head import build_head
 
     extractor = build_feature_extractor(arch, weights, config.image_height, config.image_width)
     start = time.perf_counter()
@@ -90,7 +90,7 @@ def project_way(arch, weights, config, split, manifest, seed, epochs):
     """Backbone once per unique image into a cold cache, then the head on features."""
     from dataclasses import replace
 
-    from ecg_mlflow.head import train_head
+    from ecg_mlflow.model.head import train_head
     from ecg_mlflow.train import prepare_features
 
     with tempfile.TemporaryDirectory() as cache:
@@ -106,9 +106,9 @@ def project_way(arch, weights, config, split, manifest, seed, epochs):
 def main() -> None:
     args = parse_args()
     from report import machine, markdown_table, write_section
-    from ecg_mlflow.classes import CLASSES
+    from ecg_mlflow.data.classes import CLASSES
     from ecg_mlflow.config import parse_train_config
-    from ecg_mlflow.splits import make_split
+    from ecg_mlflow.data.splits import make_split
 
     manifest = subset_manifest(args.data, args.per_class)
     split = make_split(manifest, "paper", args.seed)

@@ -47,12 +47,12 @@ def run_worker(config, manifest, label: str) -> dict[str, float]:
     import mlflow
     import optuna
 
-    from ecg_mlflow import names
-    from ecg_mlflow.tune_tracking import tune_and_log
+    from ecg_mlflow import schema
+    from ecg_mlflow.tune.tracking import tune_and_log
 
     mlflow.set_experiment("tune-benchmark")
     start = time.perf_counter()
-    with mlflow.start_run(run_name=label, tags={names.TAG_ROLE: names.ROLE_TUNE}) as run:
+    with mlflow.start_run(run_name=label, tags={schema.TAG_ROLE: schema.ROLE_TUNE}) as run:
         summary = tune_and_log(config, manifest, progress=False)
     wall = time.perf_counter() - start
     metrics = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics
@@ -67,7 +67,7 @@ def run_worker(config, manifest, label: str) -> dict[str, float]:
         "trials": len(mine), **states, "epochs": epochs, "backbone_passes": summary.cache_misses,
         "cache_hits": summary.cache_hits, "trial_seconds": trial_seconds,
         "trials_per_minute": 60 * len(mine) / trial_seconds, "wall_seconds": wall,
-        "features_seconds": metrics[names.METRIC_TIME_FEATURES],
+        "features_seconds": metrics[schema.METRIC_TIME_FEATURES],
     }
 
 
@@ -81,7 +81,7 @@ def main() -> None:
         import optuna
 
         from ecg_mlflow.train import load_dataset
-        from ecg_mlflow.tune import parse_tune_config
+        from ecg_mlflow.tune.config import parse_tune_config
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")

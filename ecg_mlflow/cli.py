@@ -1,7 +1,8 @@
 """The `ecg-mlflow` command line: one click group, one subcommand per entry point.
 
-Each subcommand lives in `ecg_mlflow/commands/` (or `analysis/cli.py`) and imports heavy
-libraries (TensorFlow, MLflow) inside its function, so `--help` stays fast.
+Each subcommand lives in `ecg_mlflow/commands/` (or `analysis/cli.py`), is declared in the
+entry-point group COMMAND_GROUP, and imports heavy libraries (TensorFlow, MLflow) inside its
+function, so `--help` stays fast.
 """
 
 from __future__ import annotations
@@ -17,20 +18,18 @@ def main() -> None:
     """Transfer-learning study on ECG report images, tracked in MLflow."""
 
 
-# Subcommands register below, one line each.
-from ecg_mlflow.commands.synth import synth  # noqa: E402
-main.add_command(synth)
-from analysis.cli import analyze  # noqa: E402
-main.add_command(analyze)
-from ecg_mlflow.commands.train import train  # noqa: E402
-main.add_command(train)
-from ecg_mlflow.commands.data import data  # noqa: E402
-main.add_command(data)
-from ecg_mlflow.commands.tune import tune  # noqa: E402
-main.add_command(tune)
-from ecg_mlflow.commands.study import study  # noqa: E402
-main.add_command(study)
-from ecg_mlflow.commands.promote import promote  # noqa: E402
-main.add_command(promote)
-from ecg_mlflow.commands.predict import predict  # noqa: E402
-main.add_command(predict)
+COMMAND_GROUP = "ecg_mlflow.commands"
+"""Entry-point group of the subcommands (pyproject.toml): this package's own, and `analyze`
+from the analysis package, which reads tracked runs and which nothing here imports."""
+
+
+def register_commands(group: click.Group) -> click.Group:
+    """Add every subcommand declared in COMMAND_GROUP, in name order."""
+    from importlib.metadata import entry_points
+
+    for entry in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        group.add_command(entry.load(), entry.name)
+    return group
+
+
+register_commands(main)

@@ -6,25 +6,25 @@ parsed here and a bad one fails with one line naming the parameter.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
-import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
-from ecg_mlflow import head
-from ecg_mlflow.backbones import BACKBONES, check_image_size, BackboneError
-from ecg_mlflow.preprocess import CROPS
-from ecg_mlflow.names import SPLIT_POLICIES
+from ecg_mlflow.model import head
+from ecg_mlflow.model.backbones import BACKBONES, check_image_size, BackboneError
+from ecg_mlflow.data.preprocess import CROPS
+from ecg_mlflow.parsing import (  # noqa: F401 (ConfigError and the parsers are the config's API)
+    ConfigError, parse_bool, parse_choice, parse_dense_units, parse_float, parse_int, parse_seeds,
+)
+from ecg_mlflow.schema import SPLIT_POLICIES
 
 DEFAULT_DATA = "data/ecg-images"
 PAPER_HEIGHT = 512
 PAPER_WIDTH = 1024
+MAX_SIDE = 4096
 HEAD_FIELDS = ("dense_units", "dropout", "learning_rate", "batch_size")
-
-
-class ConfigError(ValueError):
-    """A parameter value that cannot be used; the message names the parameter."""
 
 
 @dataclass(frozen=True)
@@ -73,76 +73,6 @@ class TrainConfig:
         return params
 
 
-def parse_int(name: str, raw, minimum: int = 0) -> int:
-    """An integer parameter of at least `minimum`, or one ConfigError naming it."""
-    try:
-        value = int(str(raw).strip())
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
-def _float(name: str, raw, low: float, high: float, *, low_open: bool = True) -> float:
-    try:
-        value = float(str(raw).strip())
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    too_low = value <= low if low_open else value < low
-    if not math.isfinite(value) or too_low or value >= high:
-        bracket = "(" if low_open else "["
-        raise ConfigError(f"{name} must lie in {bracket}{low}, {high}), got {raw!r}")
-    return value
-
-
-def _choice(name: str, raw, choices) -> str:
-    value = str(raw).strip()
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {raw!r}")
-    return value
-
-
-def parse_bool(name: str, raw) -> bool:
-    value = str(raw).strip().lower()
-    if value in ("true", "1", "yes"):
-        return True
-    if value in ("false", "0", "no"):
-        return False
-    raise ConfigError(f"{name} must be true or false, got {raw!r}")
-
-
-def parse_dense_units(raw) -> tuple[int, ...]:
-    """'1024,512' -> (1024, 512); one to four positive layer widths."""
-    parts = [p.strip() for p in str(raw).split(",") if p.strip()]
-    try:
-        units = tuple(int(p) for p in parts)
-    except ValueError:
-        raise ConfigError(f"dense_units must be comma-separated integers like 1024,512; got {raw!r}") from None
-    if not 1 <= len(units) <= 4 or min(units) < 1:
-        raise ConfigError(f"dense_units must be 1 to 4 positive integers like 1024,512; got {raw!r}")
-    return units
-
-
-def parse_seeds(raw, *, name: str = "seeds", max_seeds: int = 1000) -> tuple[int, ...]:
-    """'1' -> (1,); '1,2,5' -> (1, 2, 5); '1-10' and mixed '1-3,7' work too. Sorted,
-    distinct, non-negative; the one parser of seed lists (study, tune, analysis, k8s)."""
-    seeds: list[int] = []
-    for part in (p.strip() for p in str(raw).split(",")):
-        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
-        if not match:
-            raise ConfigError(f"{name} must look like 1-10 or 1,2,5; got {raw!r}")
-        low, high = int(match[1]), int(match[2] or match[1])
-        if high < low:
-            raise ConfigError(f"{name}: range {part!r} runs backwards; write {high}-{low}")
-        seeds.extend(range(low, high + 1))
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"{name} must be distinct; got {raw!r}")
-    if len(seeds) > max_seeds:
-        raise ConfigError(f"{name}: at most {max_seeds} seeds; got {len(seeds)}")
-    return tuple(sorted(seeds))
-
-
 def parse_weights(raw) -> str:
     value = str(raw).strip()
     if value in ("imagenet", "none"):
@@ -154,55 +84,66 @@ def parse_weights(raw) -> str:
     return str(Path(value).resolve())
 
 
+def parse_head_config(raw) -> str:
+    """A best_head.json path or artifact URI; "none" spells "no head config" where empty
+    values cannot travel (MLflow parameters)."""
+    value = str(raw).strip()
+    return "" if value.lower() == "none" else value
+
+
+FIELD_PARSERS: dict[str, Callable[[object], object]] = {
+    "arch": lambda v: parse_choice("arch", v, tuple(BACKBONES)),
+    "seed": lambda v: parse_int("seed", v),
+    "data": str,
+    "weights": parse_weights,
+    "image_height": lambda v: parse_int("image_height", v, minimum=1, maximum=MAX_SIDE),
+    "image_width": lambda v: parse_int("image_width", v, minimum=1, maximum=MAX_SIDE),
+    "split": lambda v: parse_choice("split", v, SPLIT_POLICIES),
+    "crop": lambda v: parse_choice("crop", v, CROPS),
+    "learning_rate": lambda v: parse_float("learning_rate", v, 0.0, 1.0),
+    "batch_size": lambda v: parse_int("batch_size", v, minimum=1),
+    "max_epochs": lambda v: parse_int("max_epochs", v, minimum=1),
+    "patience": lambda v: parse_int("patience", v, minimum=0),
+    "dense_units": parse_dense_units,
+    "dropout": lambda v: parse_float("dropout", v, 0.0, 1.0, low_open=False),
+    "cache_dir": str,
+    "head_config": parse_head_config,
+    "log_model": lambda v: parse_bool("log_model", v),
+}
+"""Field -> parser of every TrainConfig field; each parser names its field in its error."""
+
+
 def parse_train_config(**raw) -> TrainConfig:
-    """Build a TrainConfig from raw (string or typed) values; absent keys take defaults."""
-    unknown = set(raw) - set(TrainConfig.__dataclass_fields__)
+    """Build a TrainConfig from raw (string or typed) values; absent keys take defaults.
+    Parses only: resolve_train_config is what a run trains with."""
+    unknown = set(raw) - set(FIELD_PARSERS)
     if unknown:
         raise ConfigError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
-    values = {k: v for k, v in raw.items() if v is not None}
-    parsed = {}
-    if "arch" in values:
-        parsed["arch"] = _choice("arch", values["arch"], tuple(BACKBONES))
-    if "seed" in values:
-        parsed["seed"] = parse_int("seed", values["seed"])
-    if "data" in values:
-        parsed["data"] = str(values["data"])
-    if "weights" in values:
-        parsed["weights"] = parse_weights(values["weights"])
-    for key in ("image_height", "image_width"):
-        if key in values:
-            parsed[key] = parse_int(key, values[key], minimum=1)
-            if parsed[key] > 4096:
-                raise ConfigError(f"{key} must be at most 4096, got {parsed[key]}")
-    if "split" in values:
-        parsed["split"] = _choice("split", values["split"], SPLIT_POLICIES)
-    if "crop" in values:
-        parsed["crop"] = _choice("crop", values["crop"], CROPS)
-    if "learning_rate" in values:
-        parsed["learning_rate"] = _float("learning_rate", values["learning_rate"], 0.0, 1.0)
-    if "batch_size" in values:
-        parsed["batch_size"] = parse_int("batch_size", values["batch_size"], minimum=1)
-    if "max_epochs" in values:
-        parsed["max_epochs"] = parse_int("max_epochs", values["max_epochs"], minimum=1)
-    if "patience" in values:
-        parsed["patience"] = parse_int("patience", values["patience"], minimum=0)
-    if "dense_units" in values:
-        parsed["dense_units"] = parse_dense_units(values["dense_units"])
-    if "dropout" in values:
-        parsed["dropout"] = _float("dropout", values["dropout"], 0.0, 1.0, low_open=False)
-    if "cache_dir" in values:
-        parsed["cache_dir"] = str(values["cache_dir"])
-    if "head_config" in values:  # "none" spells "no head config" where empty values cannot travel
-        value = str(values["head_config"]).strip()
-        parsed["head_config"] = "" if value.lower() == "none" else value
-    if "log_model" in values:
-        parsed["log_model"] = parse_bool("log_model", values["log_model"])
-    config = TrainConfig(**parsed)
+    config = TrainConfig(**{k: FIELD_PARSERS[k](v) for k, v in raw.items() if v is not None})
     try:
         check_image_size(config.arch, config.image_height, config.image_width)
     except BackboneError as exc:
         raise ConfigError(str(exc)) from None
     return config
+
+
+def resolve_train_config(**raw) -> TrainConfig:
+    """The configuration a run trains with, settled once, before the run opens: the parsed
+    values, then the head fields of `head_config` (if given), then the defaults that depend
+    on the machine (the feature cache folder). What is logged is this."""
+    from ecg_mlflow.model.features import default_cache_dir
+
+    config = apply_head_config(parse_train_config(**raw))
+    return replace(config, cache_dir=config.cache_dir or str(default_cache_dir()))
+
+
+def head_config_digest(config: TrainConfig) -> str:
+    """SHA-256 of the head fields a `head_config` set ("" without one): a study's identity
+    holds the head that trained, not the path of the file that named it."""
+    if not config.head_config:
+        return ""
+    blob = json.dumps({k: getattr(config, k) for k in HEAD_FIELDS}, sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def apply_head_config(config: TrainConfig) -> TrainConfig:

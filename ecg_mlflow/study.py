@@ -16,15 +16,12 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
-from ecg_mlflow import names
-from ecg_mlflow.backbones import BACKBONES
-from ecg_mlflow.config import ConfigError, TrainConfig, parse_seeds  # noqa: F401 (re-exported)
-from ecg_mlflow.dataset import Manifest
+from ecg_mlflow import schema
+from ecg_mlflow.model.backbones import BACKBONES
+from ecg_mlflow.config import ConfigError, TrainConfig, head_config_digest, parse_seeds  # noqa: F401 (re-exported)
+from ecg_mlflow.data.manifest import Manifest
+from ecg_mlflow.tracking.search import filter_quote
 
-TAG_STUDY_KEY = "ecg.study_key"
-TAG_SUPERSEDED_BY = "ecg.superseded_by"
-TAG_ADOPTED_FROM = "ecg.adopted_from"
-KEY_EXEMPT = frozenset({"arch", "seed", "data", "cache_dir"})
 
 
 def parse_archs(text: str) -> tuple[str, ...]:
@@ -41,7 +38,8 @@ def parse_archs(text: str) -> tuple[str, ...]:
 
 def study_key(archs: Sequence[str], config: TrainConfig, data_digest: str) -> str:
     """Identity of a study: same key, same experiment (seeds may be added)."""
-    params = {k: v for k, v in config.as_params().items() if k not in KEY_EXEMPT}
+    params = {k: v for k, v in config.as_params().items() if k not in schema.STUDY_KEY_EXEMPT_PARAMS}
+    params["head_config"] = head_config_digest(config)  # the head's content, not the file's path
     blob = json.dumps({"archs": list(archs), "params": params, "data": data_digest}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -73,8 +71,8 @@ def _earlier_finished_runs(client, experiment_id: str, key: str, parent_id: str)
     """Latest FINISHED train run per (arch, seed) under earlier parents with this key."""
     parents = client.search_runs(
         [experiment_id],
-        filter_string=(f"tags.`{TAG_STUDY_KEY}` = {names.filter_quote(key)} and "
-                       f"tags.`{names.TAG_ROLE}` = {names.filter_quote(names.ROLE_STUDY)}"),
+        filter_string=(f"tags.`{schema.TAG_STUDY_KEY}` = {filter_quote(key)} and "
+                       f"tags.`{schema.TAG_ROLE}` = {filter_quote(schema.ROLE_STUDY)}"),
         max_results=1000,
     )
     found: dict[tuple[str, int], object] = {}
@@ -84,8 +82,8 @@ def _earlier_finished_runs(client, experiment_id: str, key: str, parent_id: str)
         children = client.search_runs(
             [experiment_id],
             filter_string=(
-                f"tags.`{names.TAG_STUDY}` = {names.filter_quote(parent.info.run_id)} and "
-                f"tags.`{names.TAG_ROLE}` = {names.filter_quote(names.ROLE_TRAIN)} and attributes.status = 'FINISHED'"
+                f"tags.`{schema.TAG_STUDY}` = {filter_quote(parent.info.run_id)} and "
+                f"tags.`{schema.TAG_ROLE}` = {filter_quote(schema.ROLE_TRAIN)} and attributes.status = 'FINISHED'"
             ),
             max_results=5000,
         )
@@ -100,12 +98,12 @@ def adopt_run(client, run, parent_id: str) -> None:
     """Move a finished child run under the current study parent (tags are mutable)."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    old_parent = run.data.tags.get(names.TAG_STUDY, "")
-    client.set_tag(run.info.run_id, names.TAG_STUDY, parent_id)
+    old_parent = run.data.tags.get(schema.TAG_STUDY, "")
+    client.set_tag(run.info.run_id, schema.TAG_STUDY, parent_id)
     client.set_tag(run.info.run_id, MLFLOW_PARENT_RUN_ID, parent_id)
-    client.set_tag(run.info.run_id, TAG_ADOPTED_FROM, old_parent)
+    client.set_tag(run.info.run_id, schema.TAG_ADOPTED_FROM, old_parent)
     if old_parent:
-        client.set_tag(old_parent, TAG_SUPERSEDED_BY, parent_id)
+        client.set_tag(old_parent, schema.TAG_SUPERSEDED_BY, parent_id)
 
 
 def run_study(
@@ -120,8 +118,10 @@ def run_study(
     """Train every missing (arch, seed) pair as a child of the ACTIVE run (the parent)."""
     import mlflow
 
-    from ecg_mlflow.tracking_server import end_run_once, is_unreachable, unavailable_error
-    from ecg_mlflow.train import log_unlogged_params, run_name, train_and_log
+    from ecg_mlflow.tracking.runs import end_run_on_error
+    from ecg_mlflow.tracking.server import is_unreachable, unavailable_error
+    from ecg_mlflow.tracking.params import log_unlogged_params
+    from ecg_mlflow.train import run_name, train_and_log
 
     parent = mlflow.active_run()
     if parent is None:
@@ -129,9 +129,9 @@ def run_study(
     client = mlflow.MlflowClient()
     parent_id = parent.info.run_id
     key = study_key(archs, base, manifest.digest)
-    mlflow.set_tags({names.TAG_ROLE: names.ROLE_STUDY, TAG_STUDY_KEY: key})
-    params = {**base.as_params(), "archs": ",".join(archs), "seeds": ",".join(map(str, seeds)),
-              names.PARAM_DATA_DIGEST: manifest.digest}
+    mlflow.set_tags({schema.TAG_ROLE: schema.ROLE_STUDY, schema.TAG_STUDY_KEY: key})
+    params = {**base.as_params(), schema.PARAM_ARCHS: ",".join(archs), schema.PARAM_SEEDS: ",".join(map(str, seeds)),
+              schema.PARAM_DATA_DIGEST: manifest.digest}
     log_unlogged_params(parent_id, {k: v for k, v in params.items() if k not in ("arch", "seed")})
 
     earlier = _earlier_finished_runs(client, parent.info.experiment_id, key, parent_id)
@@ -149,18 +149,16 @@ def run_study(
                 say(status.line(f"{name} already finished in run {run.info.run_id}: reused"))
                 continue
             start = time.perf_counter()
-            tags = {names.TAG_ROLE: names.ROLE_TRAIN, names.TAG_STUDY: parent_id}
+            tags = {schema.TAG_ROLE: schema.ROLE_TRAIN, schema.TAG_STUDY: parent_id}
             child = mlflow.start_run(run_name=name, nested=True, tags=tags)
             try:
                 train_and_log(config, manifest=manifest, progress=progress)
-            except KeyboardInterrupt:
-                mlflow.end_run(status="KILLED")
-                raise
-            except Exception as exc:  # one failed pair must not lose the others
-                if is_unreachable(exc):  # ... but without a server no pair can succeed
-                    end_run_once("FAILED")
-                    raise unavailable_error(exc) from None
-                mlflow.end_run(status="FAILED")
+            except BaseException as exc:
+                end_run_on_error(exc)
+                if isinstance(exc, KeyboardInterrupt) or not isinstance(exc, Exception):
+                    raise
+                if is_unreachable(exc):  # one failed pair must not lose the others, but
+                    raise unavailable_error(exc) from None  # without a server none can succeed
                 failed.append((arch, seed, f"{type(exc).__name__}: {exc}"))
                 status.done += 1
                 say(status.line(f"{name} FAILED: {type(exc).__name__}: {exc}"))

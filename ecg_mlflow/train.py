@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ecg_mlflow import names
-from ecg_mlflow.config import HEAD_FIELDS, ConfigError, TrainConfig, apply_head_config
-from ecg_mlflow.dataset import ImageRecord, Manifest, build_manifest
-from ecg_mlflow.features import CacheStats, FeatureKey, default_cache_dir, extract_features
-from ecg_mlflow.splits import Leakage, Split, make_split, measure_leakage
+from ecg_mlflow import schema
+from ecg_mlflow.config import HEAD_FIELDS, ConfigError, TrainConfig
+from ecg_mlflow.data.manifest import ImageRecord, Manifest, build_manifest
+from ecg_mlflow.model.features import CacheStats, FeatureKey, default_cache_dir, extract_features
+from ecg_mlflow.data.splits import Leakage, Split, make_split, measure_leakage
+from ecg_mlflow.tracking.params import log_unlogged_params
 
 EQUALITY_SAMPLES = 4
 
@@ -53,52 +54,52 @@ def load_dataset(data: str, *, progress: bool = True) -> Manifest:
 def train_and_log(
     config: TrainConfig, *, manifest: Manifest | None = None, progress: bool = True
 ) -> TrainResult:
-    """Train one head on cached features and log the run schema into the active run."""
+    """Train one head on cached features and log the run schema into the active run.
+    `config` is what config.resolve_train_config settled: it is logged as it is."""
     import mlflow
 
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("train_and_log needs an active MLflow run")
-    config = apply_head_config(config)
-    if config.head_config:  # the effective head, since `mlflow run` already logged the defaults
-        mlflow.log_dict({k: getattr(config, k) for k in HEAD_FIELDS}, "head.json")
+    if config.head_config:
+        mlflow.log_dict({k: getattr(config, k) for k in HEAD_FIELDS}, schema.ARTIFACT_HEAD)
     manifest = manifest if manifest is not None else load_dataset(config.data, progress=progress)
     split = make_split(manifest, config.split, config.seed)
     leakage = measure_leakage(manifest, split)
     _log_params(run.info.run_id, config, manifest, split)
-    mlflow.set_tag(names.TAG_ROLE, names.ROLE_TRAIN)
+    mlflow.set_tag(schema.TAG_ROLE, schema.ROLE_TRAIN)
     _log_dataset(manifest, config.data)
 
     data = prepare_features(config, manifest, split, progress=progress)
     cache = data.cache
 
-    from ecg_mlflow.head import train_head
+    from ecg_mlflow.model.head import train_head
 
     start = time.perf_counter()
     head, history = train_head(
         *data.xy("train"), *data.xy("val"), config.head_config_obj(), config.seed,
         on_epoch_end=lambda epoch, logs: mlflow.log_metrics(
-            {k: float(logs[k]) for k in names.EPOCH_METRICS if k in logs}, step=epoch
+            {k: float(logs[k]) for k in schema.EPOCH_METRICS if k in logs}, step=epoch
         ),
     )
     time_head = time.perf_counter() - start
-    probabilities = {s: np.asarray(head.predict(data.x(s), verbose=0)) for s in names.EVAL_SPLITS}
-    labels = {s: data.labels(s) for s in names.EVAL_SPLITS}
+    probabilities = {s: np.asarray(head.predict(data.x(s), verbose=0)) for s in schema.EVAL_SPLITS}
+    labels = {s: data.labels(s) for s in schema.EVAL_SPLITS}
     records = data.records
 
-    from ecg_mlflow.evaluation import evaluate
+    from ecg_mlflow.model.evaluation import evaluate
 
     metrics = {**evaluate("test", labels["test"], probabilities["test"]),
                **evaluate("val", labels["val"], probabilities["val"])}
     metrics.update({
-        names.METRIC_BEST_EPOCH: history.best_epoch,
-        names.METRIC_STOPPED_EPOCH: history.stopped_epoch,
-        names.METRIC_LEAKAGE_EXACT: leakage.exact,
-        names.METRIC_LEAKAGE_NEAR: leakage.near,
-        names.METRIC_TIME_FEATURES: cache.seconds,
-        names.METRIC_TIME_HEAD: time_head,
-        "cache_hits": cache.hits,
-        "cache_misses": cache.misses,
+        schema.METRIC_BEST_EPOCH: history.best_epoch,
+        schema.METRIC_STOPPED_EPOCH: history.stopped_epoch,
+        schema.METRIC_LEAKAGE_EXACT: leakage.exact,
+        schema.METRIC_LEAKAGE_NEAR: leakage.near,
+        schema.METRIC_TIME_FEATURES: cache.seconds,
+        schema.METRIC_TIME_HEAD: time_head,
+        schema.METRIC_CACHE_HITS: cache.hits,
+        schema.METRIC_CACHE_MISSES: cache.misses,
     })
     # At the last epoch's step: `val_loss`/`val_accuracy` are both per-epoch curves and
     # final metrics, and MLflow shows the value of the highest step, the restored best model.
@@ -108,7 +109,7 @@ def train_and_log(
     max_diff = None
     if config.log_model:
         test_sample = list(split.test[:EQUALITY_SAMPLES])
-        from ecg_mlflow.whole_model import log_whole_model
+        from ecg_mlflow.tracking.model_logging import log_whole_model
 
         max_diff = log_whole_model(config, head, [manifest.path_of(records[p]) for p in test_sample],
                                    data.features_of(test_sample),
@@ -139,7 +140,7 @@ class PreparedData:
 
     def xy(self, subset: str) -> tuple[np.ndarray, np.ndarray]:
         """Features and one-hot labels of `train`, `val` or `test`."""
-        from ecg_mlflow.head import one_hot
+        from ecg_mlflow.model.head import one_hot
 
         return self.x(subset), one_hot(self.labels(subset))
 
@@ -169,26 +170,16 @@ def _say(progress: bool, message: str) -> None:
 def _log_params(run_id: str, config: TrainConfig, manifest: Manifest, split: Split) -> None:
     """Log the effective parameters, canonically spelled, beside what `mlflow run` logged."""
     params = config.as_params()
-    if not config.cache_dir:
-        params["cache_dir"] = str(default_cache_dir())
+    params.update({schema.HEAD_PARAM_PREFIX + k: params[k] for k in HEAD_FIELDS})
     params.update({
-        names.PARAM_DATA_DIGEST: manifest.digest,
-        names.PARAM_TEST_DIGEST: split.test_digest,
-        names.PARAM_N_TRAIN: str(len(split.train)),
-        names.PARAM_N_VAL: str(len(split.val)),
-        names.PARAM_N_TEST: str(len(split.test)),
+        schema.PARAM_DATA_DIGEST: manifest.digest,
+        schema.PARAM_TEST_DIGEST: split.test_digest,
+        schema.PARAM_N_TRAIN: str(len(split.train)),
+        schema.PARAM_N_VAL: str(len(split.val)),
+        schema.PARAM_N_TEST: str(len(split.test)),
     })
     log_unlogged_params(run_id, params)
 
-
-def log_unlogged_params(run_id: str, params: dict[str, str]) -> None:
-    """Log the params the run does not have yet. `mlflow run` has already logged the raw entry
-    point values, which MLflow will not overwrite; those keep the user's spelling."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    logged = MlflowClient().get_run(run_id).data.params
-    mlflow.log_params({k: v for k, v in params.items() if k not in logged})
 
 
 def _log_dataset(manifest: Manifest, source: str) -> None:
@@ -227,17 +218,17 @@ def _log_artifacts(config, manifest, split, records, test_labels, test_probs, hi
     import matplotlib.pyplot as plt
     import mlflow
 
-    from ecg_mlflow.evaluation import (
+    from ecg_mlflow.model.evaluation import (
         confusion, confusion_json, plot_confusion, plot_curves, predictions_frame,
     )
 
     frame = predictions_frame(split.test, [records[p].sha256 for p in split.test], test_labels, test_probs)
-    mlflow.log_text(frame.to_csv(index=False), names.ARTIFACT_PREDICTIONS)
-    matrix = confusion(frame[names.COL_TRUE], frame[names.COL_PRED])
-    mlflow.log_text(confusion_json(matrix), names.ARTIFACT_CONFUSION_JSON)
+    mlflow.log_text(frame.to_csv(index=False), schema.ARTIFACT_PREDICTIONS)
+    matrix = confusion(frame[schema.COL_TRUE], frame[schema.COL_PRED])
+    mlflow.log_text(confusion_json(matrix), schema.ARTIFACT_CONFUSION_JSON)
     title = f"{run_name(config)} test set (n={len(split.test)})"
-    for figure, artifact in ((plot_confusion(matrix, title), names.ARTIFACT_CONFUSION_PNG),
-                             (plot_curves(history, run_name(config)), names.ARTIFACT_CURVES)):
+    for figure, artifact in ((plot_confusion(matrix, title), schema.ARTIFACT_CONFUSION_PNG),
+                             (plot_curves(history, run_name(config)), schema.ARTIFACT_CURVES)):
         mlflow.log_figure(figure, artifact)
         plt.close(figure)
-    mlflow.log_text(split.to_frame(manifest).to_csv(index=False), names.ARTIFACT_SPLIT)
+    mlflow.log_text(split.to_frame(manifest).to_csv(index=False), schema.ARTIFACT_SPLIT)

@@ -22,8 +22,7 @@ from typing import Iterator
 
 import requests
 
-from analysis import schema
-from ecg_mlflow import names
+from ecg_mlflow import schema
 from team_study import demo_set
 
 VENV_BIN = Path(sys.executable).parent
@@ -90,11 +89,11 @@ def train_study(experiment: str, root: Path, data: Path, cache: Path, archs: tup
     manifest = load_dataset(str(data), progress=False)
     runs = {}
     with mlflow.start_run(experiment_id=exp_id, run_name="study",
-                          tags={names.TAG_ROLE: names.ROLE_STUDY}) as parent:
+                          tags={schema.TAG_ROLE: schema.ROLE_STUDY}) as parent:
         mlflow.log_params({"archs": ",".join(archs), "seeds": ",".join(map(str, seeds))})
         for arch in archs:
             for seed in seeds:
-                tags = {names.TAG_STUDY: parent.info.run_id, names.TAG_ROLE: names.ROLE_TRAIN}
+                tags = {schema.TAG_STUDY: parent.info.run_id, schema.TAG_ROLE: schema.ROLE_TRAIN}
                 with mlflow.start_run(experiment_id=exp_id, nested=True, run_name=f"{arch}-s{seed}",
                                       tags=tags) as child:
                     config = parse_train_config(arch=arch, seed=str(seed), data=str(data),
@@ -106,13 +105,13 @@ def train_study(experiment: str, root: Path, data: Path, cache: Path, archs: tup
 
 def hand_analysis_run(study: Study, winner: str, other: str, *, significant: bool, metric: str = "accuracy",
                       p_bonferroni: float = 0.001) -> str:
-    """An analysis run with the tags, params and metrics of analysis/schema.py, its verdict
+    """An analysis run with the tags, params and metrics of ecg_mlflow/schema.py, its verdict
     chosen by the test (the real statistics are tested in test_analysis.py)."""
     import mlflow
 
     tags = {
-        names.TAG_ROLE: names.ROLE_ANALYSIS,
-        names.TAG_STUDY: study.study_run_id,
+        schema.TAG_ROLE: schema.ROLE_ANALYSIS,
+        schema.TAG_STUDY: study.study_run_id,
         schema.TAG_PRIMARY_METRIC: metric,
         schema.TAG_WINNER: winner if significant else schema.NO_WINNER,
         schema.TAG_SIGNIFICANT: str(significant).lower(),

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ecg_mlflow import names
+from ecg_mlflow import schema
 
 VENV_BIN = Path(sys.executable).parent
 ARCHS = ("vgg16", "mobilenetv3large")
@@ -38,7 +38,7 @@ def client_env(team_server) -> dict[str, str]:
 
 def demo_set(base: Path) -> Path:
     """24 synthetic reports (6 per class) under `base`, written once."""
-    from ecg_mlflow.synth import write_synthetic_dataset
+    from ecg_mlflow.synth.reports import write_synthetic_dataset
 
     out = base / "team-demo-set"
     if not (out / "done").exists():
@@ -82,14 +82,14 @@ def study_parents(client, experiment: str) -> list:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
-    return client.search_runs([found.experiment_id], f"tags.`{names.TAG_ROLE}` = '{names.ROLE_STUDY}'",
+    return client.search_runs([found.experiment_id], f"tags.`{schema.TAG_ROLE}` = '{schema.ROLE_STUDY}'",
                               order_by=["attributes.start_time ASC"])
 
 
 def study_children(client, experiment_id: str, parent_id: str) -> list:
     return client.search_runs(
         [experiment_id],
-        f"tags.`{names.TAG_STUDY}` = '{parent_id}' and tags.`{names.TAG_ROLE}` = '{names.ROLE_TRAIN}'",
+        f"tags.`{schema.TAG_STUDY}` = '{parent_id}' and tags.`{schema.TAG_ROLE}` = '{schema.ROLE_TRAIN}'",
     )
 
 
@@ -138,8 +138,8 @@ def team_study(team_server, base: Path) -> TeamStudy:
     exp_id = parent.info.experiment_id
     children = study_children(client, exp_id, parent.info.run_id)
     analyses = client.search_runs(
-        [exp_id], f"tags.`{names.TAG_ROLE}` = '{names.ROLE_ANALYSIS}' and "
-                  f"tags.`{names.TAG_STUDY}` = '{parent.info.run_id}'")
+        [exp_id], f"tags.`{schema.TAG_ROLE}` = '{schema.ROLE_ANALYSIS}' and "
+                  f"tags.`{schema.TAG_STUDY}` = '{parent.info.run_id}'")
     assert len(analyses) == 1, f"expected one analysis run of study {parent.info.run_id}, found {len(analyses)}"
     study = TeamStudy(STUDY_EXPERIMENT, exp_id, parent.info.run_id,
                       {r.info.run_name: r.info.run_id for r in children}, analyses[0].info.run_id,

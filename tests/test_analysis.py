@@ -12,11 +12,10 @@ from click.testing import CliRunner
 from scipy import stats as sps
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
-from analysis import schema
 from analysis.gather import AnalysisWarning, PairingError, StudyNotFound
 from analysis.run import analyze_study
-from ecg_mlflow import names
-from ecg_mlflow.classes import CLASSES
+from ecg_mlflow import schema
+from ecg_mlflow.data.classes import CLASSES
 from ecg_mlflow.cli import main
 
 from conftest import PROJECT_ROOT
@@ -42,11 +41,11 @@ BASE_PARAMS = {
     "cache_dir": "/tmp/cache",
     "head_config": "",
     "log_model": "false",
-    names.PARAM_DATA_DIGEST: "d" * 16,
-    names.PARAM_TEST_DIGEST: "t" * 16,
-    names.PARAM_N_TRAIN: "120",
-    names.PARAM_N_VAL: "30",
-    names.PARAM_N_TEST: str(N_IMAGES),
+    schema.PARAM_DATA_DIGEST: "d" * 16,
+    schema.PARAM_TEST_DIGEST: "t" * 16,
+    schema.PARAM_N_TRAIN: "120",
+    schema.PARAM_N_VAL: "30",
+    schema.PARAM_N_TEST: str(N_IMAGES),
 }
 TRUE = np.tile(np.arange(len(CLASSES)), N_IMAGES // len(CLASSES))
 
@@ -61,22 +60,22 @@ def _predictions(arch: str, seed: int, salt: int = 0) -> tuple[pd.DataFrame, dic
     pred = probs.argmax(axis=1)
     frame = pd.DataFrame(
         {
-            names.COL_RELPATH: [f"{CLASSES[t]}/img{i:03d}.jpg" for i, t in enumerate(TRUE)],
-            names.COL_SHA256: [f"{i:064x}" for i in range(N_IMAGES)],
-            names.COL_TRUE: [CLASSES[t] for t in TRUE],
-            names.COL_PRED: [CLASSES[p] for p in pred],
-            **{col: probs[:, j] for j, col in enumerate(names.PROB_COLUMNS)},
+            schema.COL_RELPATH: [f"{CLASSES[t]}/img{i:03d}.jpg" for i, t in enumerate(TRUE)],
+            schema.COL_SHA256: [f"{i:064x}" for i in range(N_IMAGES)],
+            schema.COL_TRUE: [CLASSES[t] for t in TRUE],
+            schema.COL_PRED: [CLASSES[p] for p in pred],
+            **{col: probs[:, j] for j, col in enumerate(schema.PROB_COLUMNS)},
         }
     )
     labels = list(range(len(CLASSES)))
     metrics = {
-        names.split_metric("test", "accuracy"): accuracy_score(TRUE, pred),
-        names.split_metric("test", "precision_macro"): precision_score(TRUE, pred, average="macro", labels=labels, zero_division=0),
-        names.split_metric("test", "recall_macro"): recall_score(TRUE, pred, average="macro", labels=labels, zero_division=0),
-        names.split_metric("test", "f1_macro"): f1_score(TRUE, pred, average="macro", labels=labels, zero_division=0),
+        schema.split_metric("test", "accuracy"): accuracy_score(TRUE, pred),
+        schema.split_metric("test", "precision_macro"): precision_score(TRUE, pred, average="macro", labels=labels, zero_division=0),
+        schema.split_metric("test", "recall_macro"): recall_score(TRUE, pred, average="macro", labels=labels, zero_division=0),
+        schema.split_metric("test", "f1_macro"): f1_score(TRUE, pred, average="macro", labels=labels, zero_division=0),
     }
     per_class = f1_score(TRUE, pred, average=None, labels=labels, zero_division=0)
-    metrics.update({names.class_metric("test", "f1", c): float(v) for c, v in zip(CLASSES, per_class)})
+    metrics.update({schema.class_metric("test", "f1", c): float(v) for c, v in zip(CLASSES, per_class)})
     return frame, metrics
 
 
@@ -100,7 +99,7 @@ class StudyBuilder:
 
     def study(self, seeds: str = "1-3") -> str:
         run = self.client.create_run(
-            self.experiment_id, start_time=self.tick(), tags={names.TAG_ROLE: names.ROLE_STUDY}
+            self.experiment_id, start_time=self.tick(), tags={schema.TAG_ROLE: schema.ROLE_STUDY}
         )
         self.client.log_param(run.info.run_id, "archs", ",".join(ARCHS))
         self.client.log_param(run.info.run_id, "seeds", seeds)
@@ -114,7 +113,7 @@ class StudyBuilder:
         run = self.client.create_run(
             self.experiment_id,
             start_time=self.tick(),
-            tags={names.TAG_ROLE: names.ROLE_TRAIN, names.TAG_STUDY: study_id},
+            tags={schema.TAG_ROLE: schema.ROLE_TRAIN, schema.TAG_STUDY: study_id},
         )
         run_id = run.info.run_id
         params = {**BASE_PARAMS, "arch": arch, "seed": str(seed), **overrides}
@@ -125,8 +124,8 @@ class StudyBuilder:
         )
         folder = self.tmp / run_id
         folder.mkdir()
-        frame.sample(frac=1.0, random_state=seed).to_csv(folder / names.ARTIFACT_PREDICTIONS, index=False)
-        self.client.log_artifact(run_id, str(folder / names.ARTIFACT_PREDICTIONS))
+        frame.sample(frac=1.0, random_state=seed).to_csv(folder / schema.ARTIFACT_PREDICTIONS, index=False)
+        self.client.log_artifact(run_id, str(folder / schema.ARTIFACT_PREDICTIONS))
         self.client.set_terminated(run_id, status)
         return run_id
 
@@ -142,18 +141,18 @@ def _logged(client, study_id: str, metric: str) -> dict[str, list[float]]:
     """Per-arch per-seed metric values read back from the train runs (seed order)."""
     runs = client.search_runs(
         [client.get_experiment_by_name(EXPERIMENT).experiment_id],
-        filter_string=f"tags.`{names.TAG_STUDY}` = '{study_id}' and tags.`{names.TAG_ROLE}` = 'train'",
+        filter_string=f"tags.`{schema.TAG_STUDY}` = '{study_id}' and tags.`{schema.TAG_ROLE}` = 'train'",
     )
     out: dict[str, list[tuple[int, float]]] = {a: [] for a in ARCHS}
     for run in runs:
-        out[run.data.params["arch"]].append((int(run.data.params["seed"]), run.data.metrics[names.split_metric("test", metric)]))
+        out[run.data.params["arch"]].append((int(run.data.params["seed"]), run.data.metrics[schema.split_metric("test", metric)]))
     return {a: [v for _, v in sorted(vals)] for a, vals in out.items()}
 
 
 def _analysis_runs(client):
     return client.search_runs(
         [client.get_experiment_by_name(EXPERIMENT).experiment_id],
-        filter_string=f"tags.`{names.TAG_ROLE}` = '{names.ROLE_ANALYSIS}'",
+        filter_string=f"tags.`{schema.TAG_ROLE}` = '{schema.ROLE_ANALYSIS}'",
     )
 
 
@@ -168,14 +167,14 @@ def test_analyze_command_logs_an_analysis_run_matching_scipy(tracking_uri, tmp_p
     client = builder.client
     (run,) = _analysis_runs(client)
     data = run.data
-    assert data.tags[names.TAG_STUDY] == study_id
+    assert data.tags[schema.TAG_STUDY] == study_id
     assert data.tags["mlflow.parentRunId"] == study_id
     assert data.params[schema.PARAM_ARCHS] == "resnet50,efficientnetv2s"
     assert data.params[schema.PARAM_N_PAIRS] == "3"
     assert data.params[schema.PARAM_STUDY] == "latest"
     assert data.params[schema.PARAM_STUDY_RUN_ID] == study_id
     assert data.params[schema.PARAM_ALPHA] == "0.05"
-    for metric in names.SUMMARY_METRICS:
+    for metric in schema.SUMMARY_METRICS:
         values = _logged(client, study_id, metric)
         x, y = np.array(values["resnet50"]), np.array(values["efficientnetv2s"])
         reference = sps.ttest_rel(x, y)
@@ -195,7 +194,7 @@ def test_analyze_command_logs_an_analysis_run_matching_scipy(tracking_uri, tmp_p
     # McNemar recomputed by hand: seed ensemble = argmax of mean probabilities
     correct = {}
     for arch in ARCHS:
-        probs = np.mean([_predictions(arch, s)[0][list(names.PROB_COLUMNS)].to_numpy() for s in (1, 2, 3)], axis=0)
+        probs = np.mean([_predictions(arch, s)[0][list(schema.PROB_COLUMNS)].to_numpy() for s in (1, 2, 3)], axis=0)
         correct[arch] = probs.argmax(axis=1) == TRUE
     b = int(np.sum(correct["resnet50"] & ~correct["efficientnetv2s"]))
     c = int(np.sum(~correct["resnet50"] & correct["efficientnetv2s"]))
@@ -208,7 +207,7 @@ def test_analyze_command_logs_an_analysis_run_matching_scipy(tracking_uri, tmp_p
     assert results["study_run_id"] == study_id and results["n_pairs"] == 3
     assert results["mcnemar"]["b"] == b and results["mcnemar"]["c"] == c
     table = pd.read_csv(f"{folder}/{schema.ARTIFACT_RESULTS_CSV}")
-    assert list(table["metric"]) == list(names.SUMMARY_METRICS)
+    assert list(table["metric"]) == list(schema.SUMMARY_METRICS)
     assert "McNemar" in (tmp_path / "downloaded" / schema.ARTIFACT_REPORT).read_text()
     for figure in (schema.ARTIFACT_FIGURE2, schema.ARTIFACT_PER_CLASS):
         assert (tmp_path / "downloaded" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -218,7 +217,7 @@ def test_bootstrap_observed_difference_equals_the_logged_metric_difference(track
     builder = StudyBuilder(tmp_path)
     study_id = builder.full_study()
     analysis = analyze_study(experiment=EXPERIMENT, study=study_id, n_resamples=200)
-    for metric in names.SUMMARY_METRICS:
+    for metric in schema.SUMMARY_METRICS:
         comparison = analysis.comparison(metric)
         # the bootstrap recomputes metrics from the CSVs; the t-test reads the logged metrics
         assert comparison.bootstrap.observed_diff == pytest.approx(comparison.ttest.mean_diff, abs=1e-12)
@@ -235,12 +234,12 @@ def test_refuses_pairs_that_differ_and_lists_every_difference(tracking_uri, tmp_
         builder.train(study_id, "resnet50", seed)
     builder.train(study_id, "efficientnetv2s", 1)
     builder.train(study_id, "efficientnetv2s", 2, learning_rate="0.001")
-    builder.train(study_id, "efficientnetv2s", 3, **{names.PARAM_TEST_DIGEST: "other"})
+    builder.train(study_id, "efficientnetv2s", 3, **{schema.PARAM_TEST_DIGEST: "other"})
     with pytest.raises(PairingError) as caught:
         analyze_study(experiment=EXPERIMENT, study=study_id, n_resamples=200)
     message = str(caught.value)
     assert "seed 2: learning_rate: resnet50='0.0001' vs efficientnetv2s='0.001'" in message
-    assert f"seed 3: {names.PARAM_TEST_DIGEST}" in message
+    assert f"seed 3: {schema.PARAM_TEST_DIGEST}" in message
     assert "2 difference(s)" in message
 
     result = CliRunner().invoke(main, ["analyze", "--experiment", EXPERIMENT, "--study", study_id])
@@ -266,7 +265,7 @@ def test_doubled_seed_uses_the_latest_run_and_warns(tracking_uri, tmp_path):
     with pytest.warns(AnalysisWarning, match=f"seed 2 of resnet50 has 2 finished runs .* using the latest, {later}"):
         analysis = analyze_study(experiment=EXPERIMENT, study=study_id, n_resamples=200)
     assert analysis.run_ids["resnet50"][1] == later
-    expected = _predictions("resnet50", 2, salt=99)[1][names.split_metric("test", "accuracy")]
+    expected = _predictions("resnet50", 2, salt=99)[1][schema.split_metric("test", "accuracy")]
     assert analysis.comparison("accuracy").first_summary.mean == pytest.approx(
         np.mean([_predictions("resnet50", 1)[1]["test_accuracy"], expected, _predictions("resnet50", 3)[1]["test_accuracy"]])
     )
@@ -329,7 +328,7 @@ def test_analyze_inside_a_project_run_logs_into_that_run(tracking_uri, tmp_path,
     assert result.exit_code == 0, result.output
     (run,) = _analysis_runs(builder.client)
     assert run.info.run_id == project_run
-    assert run.data.tags[names.TAG_STUDY] == study_id
+    assert run.data.tags[schema.TAG_STUDY] == study_id
     assert run.data.params["alpha"] == "0.050"  # kept as `mlflow run` logged it
     assert "accuracy_p_mcnemar" in run.data.metrics
 
@@ -340,7 +339,7 @@ def test_analyze_inside_a_project_run_logs_into_that_run(tracking_uri, tmp_path,
         (["--metrics", "accuracy,auc"], "unknown metric 'auc'; allowed: accuracy, precision_macro"),
         (["--alpha", "1.5"], "alpha must be a number strictly between 0 and 1"),
         (["--alpha", "abc"], "alpha must be a number strictly between 0 and 1"),
-        (["--n-resamples", "5"], "--n-resamples must be an integer >= 100"),
+        (["--n-resamples", "5"], "--n-resamples must be at least 100, got 5"),
     ],
 )
 def test_analyze_command_rejects_bad_parameters(tracking_uri, args, message):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ecg_mlflow.backbones import (
+from ecg_mlflow.model.backbones import (
     BACKBONES,
     BACKBONE_SEED,
     BackboneError,

@@ -1,5 +1,5 @@
 """A real browser on the team server's MLflow UI: headless Chromium renders the experiment
-page (a React app that fetches the runs) and the study's runs appear by their readable names.
+page (a React app that fetches the runs) and the study's runs appear by their readable schema.
 
 The runs table nests child runs under their collapsed parent unless the list is filtered AND
 sorted by something other than the start time (MLflow's `nestChildren` rule), so the page is
@@ -15,7 +15,7 @@ from urllib.parse import quote, urlencode
 
 import pytest
 
-from ecg_mlflow import names
+from ecg_mlflow import schema
 
 from team_study import team_study
 
@@ -39,7 +39,7 @@ def chromium() -> str:
 
 
 def runs_page_url(tracking_uri: str, experiment_id: str) -> str:
-    query = urlencode({"searchFilter": f"tags.`{names.TAG_ROLE}` = '{names.ROLE_TRAIN}'",
+    query = urlencode({"searchFilter": f"tags.`{schema.TAG_ROLE}` = '{schema.ROLE_TRAIN}'",
                        "orderByKey": "tags.`mlflow.runName`", "orderByAsc": "true"}, quote_via=quote)
     return f"{tracking_uri}/#/experiments/{experiment_id}/runs?{query}"
 

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ecg_mlflow.cli import main
-from ecg_mlflow.dataset import DatasetError, Manifest, build_manifest, describe
-from ecg_mlflow.hashing import NEAR_DUPLICATE_DISTANCE, hash_distance
-from ecg_mlflow.splits import duplicate_groups
+from ecg_mlflow.data.manifest import DatasetError, Manifest, build_manifest, describe
+from ecg_mlflow.data.hashing import NEAR_DUPLICATE_DISTANCE, hash_distance
+from ecg_mlflow.data.splits import duplicate_groups
 
 MI_FOLDER = "ECG Images of Myocardial Infarction Patients (240x12=2880)"
 README_FIGURES = {"MI": (239, 30), "HMI": (172, 86), "AHB": (233, 233), "NORM": (284, 142)}

@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ecg_mlflow import names
-from ecg_mlflow.features import FeatureCache, FeatureKey
-from ecg_mlflow.study import TAG_ADOPTED_FROM
+from ecg_mlflow import schema
+from ecg_mlflow.model.features import FeatureCache, FeatureKey
 
 from team_study import (
     ARCHS, PAIR_NAMES, SEEDS, SMALL, VENV_BIN, demo_set, kill_if_running, mlflow_client, run_client,
@@ -135,12 +134,12 @@ def test_study_killed_with_sigkill_resumes_with_only_the_missing_runs(team_serve
     assert new_parent.data.metrics["runs_failed"] == 0
     finished = {r.info.run_name: r for r in children if r.info.status == "FINISHED"}
     assert sorted(finished) == list(PAIR_NAMES)
-    assert all(finished[name].data.tags[TAG_ADOPTED_FROM] == old_parent_id for name in done_before)
+    assert all(finished[name].data.tags[schema.TAG_ADOPTED_FROM] == old_parent_id for name in done_before)
     # the stale RUNNING run is not adopted: a new run trained that pair, the old one is left as it was
     assert finished[victim_name].info.run_id != victim.info.run_id
     stale = client.get_run(victim.info.run_id)
-    assert stale.info.status == "RUNNING" and stale.data.tags[names.TAG_STUDY] == old_parent_id
-    assert TAG_ADOPTED_FROM not in stale.data.tags
+    assert stale.info.status == "RUNNING" and stale.data.tags[schema.TAG_STUDY] == old_parent_id
+    assert schema.TAG_ADOPTED_FROM not in stale.data.tags
     assert_cache_sound(cache, expected_per_arch=24)
     assert tmp_files(cache) <= left_by_kill, "the rerun left temporary files of its own"
     print(f"\nSIGKILL: {len(done_before)} finished before the kill; rerun done {recovered_s:.1f} s after it")
@@ -149,7 +148,7 @@ def test_study_killed_with_sigkill_resumes_with_only_the_missing_runs(team_serve
 KILLED_WRITER = textwrap.dedent("""
     import os, sys, time
     import numpy as np
-    from ecg_mlflow.features import FeatureCache, FeatureKey
+    from ecg_mlflow.model.features import FeatureCache, FeatureKey
     cache = FeatureCache(sys.argv[1], FeatureKey("vgg16", "none", 64, 64, "none"))
     cache.store("aa" * 32, np.ones(cache.dim, np.float32))
     def stuck_replace(src, dst):  # the temporary file is written and synced; hang before the rename

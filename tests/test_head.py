@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ecg_mlflow.head import HeadConfig, build_head, one_hot, train_head
+from ecg_mlflow.model.head import HeadConfig, build_head, one_hot, train_head
 
 
 def _blobs(seed: int, n_train: int = 80, n_val: int = 40, dim: int = 16):

@@ -362,10 +362,10 @@ def test_study_parent_and_tagged_children_are_what_the_analysis_reads(submit_gri
     from mlflow import MlflowClient
 
     from analysis.gather import find_study_run, parse_seed_spec, study_archs
-    from ecg_mlflow import names
+    from ecg_mlflow import schema
 
     client = MlflowClient(tracking_uri)
-    experiment_id = client.create_experiment(names.DEFAULT_EXPERIMENT)
+    experiment_id = client.create_experiment(schema.DEFAULT_EXPERIMENT)
     archs, seeds = ("resnet50", "efficientnetv2s"), (1, 2, 3)
     study_id = submit_grid.create_study_run(client, experiment_id, archs, seeds, {"weights": "none"})
     study = find_study_run(client, experiment_id, "latest")
@@ -378,7 +378,7 @@ def test_study_parent_and_tagged_children_are_what_the_analysis_reads(submit_gri
     submit_grid.tag_child(client, child, study_id)
     found = client.search_runs(
         [experiment_id],
-        f"tags.`{names.TAG_ROLE}` = '{names.ROLE_TRAIN}' and tags.`{names.TAG_STUDY}` = '{study_id}'",
+        f"tags.`{schema.TAG_ROLE}` = '{schema.ROLE_TRAIN}' and tags.`{schema.TAG_STUDY}` = '{study_id}'",
     )
     assert [r.info.run_id for r in found] == [child]
     assert found[0].data.tags["mlflow.parentRunId"] == study_id

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 
 from conftest import REAL_FACTS
 from ecg_mlflow.cli import main
-from ecg_mlflow.mendeley import EXIT_CHANGED, EXIT_EXTRA, EXIT_MISSING, MENDELEY_URL, load_facts, verify
-from ecg_mlflow.mendeley_download import DownloadError, safe_extract
+from ecg_mlflow.data.mendeley import EXIT_CHANGED, EXIT_EXTRA, EXIT_MISSING, MENDELEY_URL, load_facts, verify
+from ecg_mlflow.data.download import DownloadError, safe_extract
 
 MI_FOLDER = "ECG Images of Myocardial Infarction Patients (240x12=2880)"
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ecg_mlflow.preprocess import MAX_PIXELS, ImageDecodeError, load_pixels
+from ecg_mlflow.data.preprocess import MAX_PIXELS, ImageDecodeError, load_pixels
 
 from serving_fixtures import png_header_only
 

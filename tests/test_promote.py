@@ -8,11 +8,10 @@ import yaml
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from analysis import schema
 from analysis.run import analyze_study, log_analysis
-from ecg_mlflow import names
+from ecg_mlflow import schema
 from ecg_mlflow.cli import main
-from ecg_mlflow.registry import TAG_SOURCE_RUN, PromotionError, plan_promotion
+from ecg_mlflow.promotion import PromotionError, plan_promotion
 
 from conftest import PROJECT_ROOT
 from serving_fixtures import Study, hand_analysis_run, isolated_store, shared_cache, shared_demo_set, train_study
@@ -42,7 +41,7 @@ def _promote(study: Study, *args: str):
 def _best_val(study: Study, arch: str, metric: str = "accuracy") -> str:
     client = MlflowClient()
     runs = [client.get_run(study.runs[(arch, s)]) for s in SEEDS]
-    key, loss = names.split_metric("val", metric), names.split_metric("val", "loss")
+    key, loss = schema.split_metric("val", metric), schema.split_metric("val", "loss")
     return min(runs, key=lambda r: (-r.data.metrics[key], r.data.metrics[loss], r.info.start_time)).info.run_id
 
 
@@ -59,10 +58,10 @@ def test_real_analysis_refuses_when_not_significant_and_force_promotes(study):
 
     forced = _promote(built, "--model-name", "real-analysis", "--analysis-run", analysis_id, "--force", "true")
     assert forced.exit_code == 0, forced.output
-    version = MlflowClient().get_model_version_by_alias("real-analysis", names.CHAMPION_ALIAS)
+    version = MlflowClient().get_model_version_by_alias("real-analysis", schema.CHAMPION_ALIAS)
     winner = tags[schema.winner_tag("accuracy")]
     assert version.tags["arch"] == winner and version.tags["forced"] == "true"
-    assert version.tags[TAG_SOURCE_RUN] == _best_val(built, winner)
+    assert version.tags[schema.TAG_SOURCE_RUN] == _best_val(built, winner)
     analysis_metrics = MlflowClient().get_run(analysis_id).data.metrics
     p_key = schema.stat_metric("accuracy", schema.STAT_P_BONFERRONI)
     if p_key in analysis_metrics:  # NaN p-values (identical runs) are not logged
@@ -76,53 +75,53 @@ def test_promotions_register_tag_move_aliases_and_are_idempotent(study):
     first = hand_analysis_run(built, "mobilenetv3large", "vgg16", significant=True, p_bonferroni=0.004)
     done = _promote(built, "--analysis-run", first)
     assert done.exit_code == 0, done.output
-    v1 = client.get_model_version_by_alias(names.DEFAULT_MODEL_NAME, names.CHAMPION_ALIAS)
+    v1 = client.get_model_version_by_alias(schema.DEFAULT_MODEL_NAME, schema.CHAMPION_ALIAS)
     assert str(v1.version) == "1"
     source = _best_val(built, "mobilenetv3large")
     source_run = client.get_run(source)
-    assert v1.tags[TAG_SOURCE_RUN] == source
+    assert v1.tags[schema.TAG_SOURCE_RUN] == source
     assert v1.tags["analysis_run_id"] == first and v1.tags["study_run_id"] == built.study_run_id
     assert v1.tags["arch"] == "mobilenetv3large" and v1.tags["significant"] == "true"
     assert float(v1.tags["accuracy_p_bonferroni"]) == pytest.approx(0.004)
-    for metric in names.SUMMARY_METRICS:
-        key = names.split_metric("test", metric)
+    for metric in schema.SUMMARY_METRICS:
+        key = schema.split_metric("test", metric)
         assert float(v1.tags[key]) == pytest.approx(source_run.data.metrics[key], rel=1e-5)
     assert "significantly better than vgg16" in v1.description and source in v1.description
     promote_run = client.get_run(v1.run_id)
-    assert promote_run.data.tags[names.TAG_ROLE] == names.ROLE_PROMOTE
+    assert promote_run.data.tags[schema.TAG_ROLE] == schema.ROLE_PROMOTE
     assert promote_run.data.params["source_run_id"] == source
-    assert client.get_registered_model(names.DEFAULT_MODEL_NAME).description
+    assert client.get_registered_model(schema.DEFAULT_MODEL_NAME).description
 
     again = _promote(built, "--analysis-run", first)
     assert again.exit_code == 0, again.output
     assert "already version 1" in again.output and "already points at version 1" in again.output
-    assert len(client.search_model_versions(f"name = '{names.DEFAULT_MODEL_NAME}'")) == 1
+    assert len(client.search_model_versions(f"name = '{schema.DEFAULT_MODEL_NAME}'")) == 1
 
     second = hand_analysis_run(built, "vgg16", "mobilenetv3large", significant=True, p_bonferroni=0.01)
     moved = _promote(built, "--analysis-run", second)
     assert moved.exit_code == 0, moved.output
-    champion = client.get_model_version_by_alias(names.DEFAULT_MODEL_NAME, names.CHAMPION_ALIAS)
-    previous = client.get_model_version_by_alias(names.DEFAULT_MODEL_NAME, names.PREVIOUS_CHAMPION_ALIAS)
+    champion = client.get_model_version_by_alias(schema.DEFAULT_MODEL_NAME, schema.CHAMPION_ALIAS)
+    previous = client.get_model_version_by_alias(schema.DEFAULT_MODEL_NAME, schema.PREVIOUS_CHAMPION_ALIAS)
     assert (str(champion.version), str(previous.version)) == ("2", "1")
-    assert champion.tags["arch"] == "vgg16" and champion.tags[TAG_SOURCE_RUN] == _best_val(built, "vgg16")
+    assert champion.tags["arch"] == "vgg16" and champion.tags[schema.TAG_SOURCE_RUN] == _best_val(built, "vgg16")
 
     # back to the first run: its existing version becomes champion again, still no version 3
     back = _promote(built, "--analysis-run", first)
     assert back.exit_code == 0, back.output
-    champion = client.get_model_version_by_alias(names.DEFAULT_MODEL_NAME, names.CHAMPION_ALIAS)
-    previous = client.get_model_version_by_alias(names.DEFAULT_MODEL_NAME, names.PREVIOUS_CHAMPION_ALIAS)
+    champion = client.get_model_version_by_alias(schema.DEFAULT_MODEL_NAME, schema.CHAMPION_ALIAS)
+    previous = client.get_model_version_by_alias(schema.DEFAULT_MODEL_NAME, schema.PREVIOUS_CHAMPION_ALIAS)
     assert (str(champion.version), str(previous.version)) == ("1", "2")
-    assert len(client.search_model_versions(f"name = '{names.DEFAULT_MODEL_NAME}'")) == 2
+    assert len(client.search_model_versions(f"name = '{schema.DEFAULT_MODEL_NAME}'")) == 2
 
 
 def test_source_run_is_chosen_by_validation_never_by_test(study):
     """Give the worst-validation seed the best test score: it must still lose."""
     built, _ = study
     client = MlflowClient()
-    val, test = names.split_metric("val", "accuracy"), names.split_metric("test", "accuracy")
+    val, test = schema.split_metric("val", "accuracy"), schema.split_metric("test", "accuracy")
     # a third, hand-logged run of the winner in the same study: best on test, worst on validation
     with mlflow.start_run(experiment_id=built.experiment_id, run_name="mobilenetv3large-s9",
-                          tags={names.TAG_ROLE: names.ROLE_TRAIN, names.TAG_STUDY: built.study_run_id}) as decoy:
+                          tags={schema.TAG_ROLE: schema.ROLE_TRAIN, schema.TAG_STUDY: built.study_run_id}) as decoy:
         mlflow.log_params({"arch": "mobilenetv3large", "seed": "9"})
         mlflow.log_metrics({val: -1.0, test: 2.0})
     analysis = hand_analysis_run(built, "mobilenetv3large", "vgg16", significant=True)
@@ -166,7 +165,7 @@ def test_mlproject_promote_passes_every_parameter_to_the_command():
     assert set(entry["parameters"]) == {"experiment", "analysis_run", "metric", "model_name", "force"}
     assert all(spec["type"] == "string" for spec in entry["parameters"].values())
     assert entry["parameters"]["analysis_run"]["default"] == "latest"
-    assert entry["parameters"]["model_name"]["default"] == names.DEFAULT_MODEL_NAME
+    assert entry["parameters"]["model_name"]["default"] == schema.DEFAULT_MODEL_NAME
     for param in entry["parameters"]:
         assert f"--{param.replace('_', '-')} {{{param}}}" in entry["command"]
     options = {o.name for o in main.commands["promote"].params}
@@ -187,10 +186,10 @@ def test_inside_mlflow_run_the_promote_run_is_that_run(study, monkeypatch):
     monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
     result = _promote(built, "--analysis-run", analysis, "--model-name", "inside-project", "--force", "false")
     assert result.exit_code == 0, result.output
-    version = client.get_model_version_by_alias("inside-project", names.CHAMPION_ALIAS)
+    version = client.get_model_version_by_alias("inside-project", schema.CHAMPION_ALIAS)
     assert version.run_id == run_id
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.tags[names.TAG_ROLE] == names.ROLE_PROMOTE
-    assert run.data.params["source_run_id"] == version.tags[TAG_SOURCE_RUN]
+    assert run.info.status == "FINISHED" and run.data.tags[schema.TAG_ROLE] == schema.ROLE_PROMOTE
+    assert run.data.params["source_run_id"] == version.tags[schema.TAG_SOURCE_RUN]
     assert [r.info.run_id for r in client.search_runs([built.experiment_id],
-            f"tags.`{names.TAG_ROLE}` = 'promote' and params.model_name = 'inside-project'")] == [run_id]
+            f"tags.`{schema.TAG_ROLE}` = 'promote' and params.model_name = 'inside-project'")] == [run_id]

@@ -18,8 +18,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from ecg_mlflow import names
-from ecg_mlflow.serving import log_serving_model
+from ecg_mlflow import schema
+from ecg_mlflow.serving.packaging import log_serving_model
 
 
 def test_model_serving_defaults_to_loopback():
@@ -60,7 +60,7 @@ def test_a_served_model_with_a_lambda_layer_is_refused_by_safe_mode(tracking_uri
     model = _code_carrying_model(size)
     with mlflow.start_run(run_name="hostile-train") as source:
         mlflow.log_params({"arch": "mobilenetv3large", "image_height": size, "image_width": size, "crop": "none"})
-        mlflow.keras.log_model(model, name=names.MODEL_ARTIFACT)
+        mlflow.keras.log_model(model, name=schema.MODEL_ARTIFACT)
     with mlflow.start_run(run_name="hostile-promote"):
         info = log_serving_model(source.info.run_id)
 

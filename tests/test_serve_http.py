@@ -13,10 +13,11 @@ import requests
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from ecg_mlflow import names
+from ecg_mlflow import schema
 from ecg_mlflow.cli import main
-from ecg_mlflow.classes import CLASSES
-from ecg_mlflow.serving import IMAGE_COLUMN, predict_over_http
+from ecg_mlflow.data.classes import CLASSES
+from ecg_mlflow.serving.pyfunc import IMAGE_COLUMN
+from ecg_mlflow.serving.client import predict_over_http
 
 from serving_fixtures import (
     hand_analysis_run,
@@ -29,7 +30,7 @@ from serving_fixtures import (
 )
 
 pytestmark = pytest.mark.slow
-CHAMPION_URI = f"models:/{names.DEFAULT_MODEL_NAME}@{names.CHAMPION_ALIAS}"
+CHAMPION_URI = f"models:/{schema.DEFAULT_MODEL_NAME}@{schema.CHAMPION_ALIAS}"
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def _b64(data: bytes) -> str:
 
 
 def test_champion_alias_resolves_to_the_promoted_version(server):
-    version = MlflowClient().get_model_version_by_alias(names.DEFAULT_MODEL_NAME, names.CHAMPION_ALIAS)
+    version = MlflowClient().get_model_version_by_alias(schema.DEFAULT_MODEL_NAME, schema.CHAMPION_ALIAS)
     assert str(version.version) == "1" and version.tags["arch"] == "mobilenetv3large"
     assert requests.get(f"{server[0].url}/health", timeout=5).status_code == 200
 
@@ -71,14 +72,14 @@ def test_originals_over_http_equal_the_in_process_prediction(server, originals):
     response = _post(server[0].url, [{IMAGE_COLUMN: _b64(b)} for b in originals])
     assert response.status_code == 200, response.text
     served = pd.DataFrame(response.json()["predictions"])
-    assert list(served.columns) == ["label", *names.PROB_COLUMNS] and len(served) == 8
-    probs = served[list(names.PROB_COLUMNS)].to_numpy()
+    assert list(served.columns) == ["label", *schema.PROB_COLUMNS] and len(served) == 8
+    probs = served[list(schema.PROB_COLUMNS)].to_numpy()
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert set(served["label"]) <= set(CLASSES)
 
     local = mlflow.pyfunc.load_model(CHAMPION_URI).predict(pd.DataFrame({IMAGE_COLUMN: originals}))
     assert list(served["label"]) == list(local["label"])
-    np.testing.assert_allclose(probs, local[list(names.PROB_COLUMNS)].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(probs, local[list(schema.PROB_COLUMNS)].to_numpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize("case, records, expected", [

@@ -14,22 +14,12 @@ from click.testing import CliRunner
 from mlflow.models import Model
 from PIL import Image
 
-from ecg_mlflow import names
-from ecg_mlflow.classes import CLASSES
+from ecg_mlflow import schema
+from ecg_mlflow.data.classes import CLASSES
 from ecg_mlflow.cli import main
-from ecg_mlflow.preprocess import MAX_PIXELS, load_pixels
-from ecg_mlflow.serving import (
-    IMAGE_COLUMN,
-    KERAS_ARTIFACT,
-    MODEL_SCRIPT,
-    OUTPUT_COLUMNS,
-    BadImageRows,
-    MissingImageColumn,
-    Preprocessing,
-    keras_file_of_run,
-    log_serving_model,
-    serving_signature,
-)
+from ecg_mlflow.data.preprocess import MAX_PIXELS, load_pixels
+from ecg_mlflow.serving.pyfunc import IMAGE_COLUMN, KERAS_ARTIFACT, OUTPUT_COLUMNS, BadImageRows, MissingImageColumn, Preprocessing
+from ecg_mlflow.serving.packaging import SERVED_MODULES, MODEL_SCRIPT, keras_file_of_run, log_serving_model, serving_signature
 
 from serving_fixtures import (
     isolated_store,
@@ -78,7 +68,9 @@ def test_signature_and_packaging_state_the_contract(served):
     from pathlib import Path
 
     assert (Path(local) / Path(pyfunc["model_code_path"]).name).read_text() == MODEL_SCRIPT
-    assert (Path(local) / pyfunc["code"] / "ecg_mlflow" / "preprocess.py").is_file()
+    shipped = Path(local) / pyfunc["code"] / "ecg_mlflow"
+    assert sorted(str(p.relative_to(shipped)) for p in shipped.rglob("*.py")) == sorted(SERVED_MODULES)
+    assert (shipped / "data" / "preprocess.py").is_file() and not (shipped / "train.py").exists()
     assert not list((Path(local) / pyfunc["code"]).rglob("__pycache__"))
     # the preprocessing settings are the source run's params
     run_params = mlflow.get_run(served["source"]).data.params
@@ -93,7 +85,7 @@ def test_real_originals_match_the_keras_model_on_load_pixels(served, originals, 
     frame = served["model"].predict(pd.DataFrame({IMAGE_COLUMN: [b for _, b in originals]}))
     assert list(frame.columns) == list(OUTPUT_COLUMNS)
     assert len(frame) == len(originals)
-    probs = frame[list(names.PROB_COLUMNS)].to_numpy()
+    probs = frame[list(schema.PROB_COLUMNS)].to_numpy()
     assert probs.dtype == np.float64
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert set(frame["label"]) <= set(CLASSES)
@@ -142,7 +134,7 @@ def test_png_rgba_and_grayscale_inputs_are_served(served, originals):
         rgb.convert(mode).save(buffer, format="PNG")
         encoded.append(buffer.getvalue())
     frame = served["model"].predict(pd.DataFrame({IMAGE_COLUMN: encoded}))
-    np.testing.assert_allclose(frame[list(names.PROB_COLUMNS)].sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(frame[list(schema.PROB_COLUMNS)].sum(axis=1), 1.0, atol=1e-5)
 
 
 def test_preprocessing_is_parsed_from_run_params_with_clear_errors():
@@ -173,7 +165,7 @@ def test_the_keras_model_is_loaded_in_safe_mode(served, tmp_path):
     keras.Model(inputs, outputs).save(unsafe)
     script = tmp_path / "model.py"
     script.write_text(MODEL_SCRIPT)
-    from ecg_mlflow.serving import _package_copy
+    from ecg_mlflow.serving.packaging import _package_copy
 
     code = _package_copy(tmp_path / "code")
     with mlflow.start_run(experiment_id=served["experiment_id"], run_name="unsafe"):
@@ -202,8 +194,8 @@ def test_predict_command_in_process_prints_labels_and_json(served, real_original
     expected = served["model"].predict(pd.DataFrame({IMAGE_COLUMN: [f.read_bytes() for f in files]}))
     assert [r["file"] for r in records] == [str(f) for f in files]
     assert [r["label"] for r in records] == list(expected["label"])
-    np.testing.assert_allclose([[r[c] for c in names.PROB_COLUMNS] for r in records],
-                               expected[list(names.PROB_COLUMNS)].to_numpy(), atol=1e-9)
+    np.testing.assert_allclose([[r[c] for c in schema.PROB_COLUMNS] for r in records],
+                               expected[list(schema.PROB_COLUMNS)].to_numpy(), atol=1e-9)
 
     bad = tmp_path / "notes.jpg"
     bad.write_bytes(b"not a jpeg")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ecg_mlflow.dataset import Manifest, build_manifest
-from ecg_mlflow.names import COL_RELPATH, COL_SHA256
-from ecg_mlflow.splits import TEST_SEED, duplicate_groups, make_split, measure_leakage
+from ecg_mlflow.data.manifest import Manifest, build_manifest
+from ecg_mlflow.schema import COL_RELPATH, COL_SHA256
+from ecg_mlflow.data.splits import TEST_SEED, duplicate_groups, make_split, measure_leakage
 
 
 @pytest.fixture(scope="module")

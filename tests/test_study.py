@@ -11,11 +11,11 @@ import pytest
 from click.testing import CliRunner
 from scipy import stats
 
-from ecg_mlflow import names
+from ecg_mlflow import schema
 from ecg_mlflow.cli import main
 from ecg_mlflow.config import ConfigError
 from ecg_mlflow.study import parse_archs, parse_seeds
-from ecg_mlflow.synth import write_synthetic_dataset
+from ecg_mlflow.synth.reports import write_synthetic_dataset
 
 from conftest import PROJECT_ROOT
 from serving_fixtures import server_env
@@ -30,16 +30,16 @@ def demo_set(tmp_path_factory) -> Path:
 
 def _children(parent_id: str):
     return mlflow.search_runs(
-        experiment_names=[names.DEFAULT_EXPERIMENT],
-        filter_string=f"tags.`{names.TAG_STUDY}` = '{parent_id}' and tags.`{names.TAG_ROLE}` = 'train'",
+        experiment_names=[schema.DEFAULT_EXPERIMENT],
+        filter_string=f"tags.`{schema.TAG_STUDY}` = '{parent_id}' and tags.`{schema.TAG_ROLE}` = 'train'",
         output_format="list",
     )
 
 
 def _latest(role: str):
     runs = mlflow.search_runs(
-        experiment_names=[names.DEFAULT_EXPERIMENT],
-        filter_string=f"tags.`{names.TAG_ROLE}` = '{role}'",
+        experiment_names=[schema.DEFAULT_EXPERIMENT],
+        filter_string=f"tags.`{schema.TAG_ROLE}` = '{role}'",
         order_by=["attributes.start_time DESC"],
         output_format="list",
     )
@@ -67,7 +67,7 @@ def test_a_rerun_trains_only_what_is_missing(demo_set, tracking_uri, tmp_path):
     ]
     first = CliRunner().invoke(main, args)
     assert first.exit_code == 0, first.output
-    parent, _ = _latest(names.ROLE_STUDY)
+    parent, _ = _latest(schema.ROLE_STUDY)
     children = _children(parent.info.run_id)
     assert sorted(r.info.run_name for r in children) == [
         "mobilenetv3large-s1", "mobilenetv3large-s2", "vgg16-s1", "vgg16-s2"]
@@ -82,7 +82,7 @@ def test_a_rerun_trains_only_what_is_missing(demo_set, tracking_uri, tmp_path):
     mlflow.MlflowClient().set_terminated(failed.info.run_id, "FAILED")
     second = CliRunner().invoke(main, args)
     assert second.exit_code == 0, second.output
-    new_parent, n_parents = _latest(names.ROLE_STUDY)
+    new_parent, n_parents = _latest(schema.ROLE_STUDY)
     assert n_parents == 2
     assert new_parent.data.metrics["runs_trained"] == 1 and new_parent.data.metrics["runs_reused"] == 3
     finished = [r for r in _children(new_parent.info.run_id) if r.info.status == "FINISHED"]
@@ -97,7 +97,7 @@ def test_a_changed_parameter_is_a_different_study(demo_set, tracking_uri, tmp_pa
     assert CliRunner().invoke(main, common).exit_code == 0
     result = CliRunner().invoke(main, common + ["--dropout", "0.3"])
     assert result.exit_code == 0, result.output
-    parent, _ = _latest(names.ROLE_STUDY)
+    parent, _ = _latest(schema.ROLE_STUDY)
     assert parent.data.metrics["runs_trained"] == 2 and parent.data.metrics["runs_reused"] == 0
 
 
@@ -115,21 +115,21 @@ def test_mlflow_run_study_then_analysis_matches_an_independent_recomputation(dem
     env = server_env(tracking_uri)
     command = [
         "mlflow", "run", str(PROJECT_ROOT), "-e", "study", "--env-manager", "local",
-        "--experiment-name", names.DEFAULT_EXPERIMENT,
+        "--experiment-name", schema.DEFAULT_EXPERIMENT,
         "-P", f"data={demo_set}", "-P", "weights=none", "-P", "seeds=1-3",
         "-P", "image_height=128", "-P", "image_width=256", "-P", f"cache_dir={tmp_path / 'cache'}",
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
-    parent, _ = _latest(names.ROLE_STUDY)
+    parent, _ = _latest(schema.ROLE_STUDY)
     children = _children(parent.info.run_id)
     assert len(children) == 6 and all(r.info.status == "FINISHED" for r in children)
 
-    analysis, _ = _latest(names.ROLE_ANALYSIS)
-    assert analysis.data.tags[names.TAG_STUDY] == parent.info.run_id
+    analysis, _ = _latest(schema.ROLE_ANALYSIS)
+    assert analysis.data.tags[schema.TAG_STUDY] == parent.info.run_id
     by_arch = {a: {int(r.data.params["seed"]): r.data.metrics for r in children if r.data.params["arch"] == a}
                for a in ("resnet50", "efficientnetv2s")}
-    for metric in names.SUMMARY_METRICS:
+    for metric in schema.SUMMARY_METRICS:
         first = np.array([by_arch["resnet50"][s][f"test_{metric}"] for s in (1, 2, 3)])
         second = np.array([by_arch["efficientnetv2s"][s][f"test_{metric}"] for s in (1, 2, 3)])
         logged = analysis.data.metrics
@@ -141,9 +141,9 @@ def test_mlflow_run_study_then_analysis_matches_an_independent_recomputation(dem
 
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    rerun, n_parents = _latest(names.ROLE_STUDY)
+    rerun, n_parents = _latest(schema.ROLE_STUDY)
     assert n_parents == 2 and rerun.data.metrics["runs_trained"] == 0
     assert rerun.data.metrics["runs_reused"] == 6
-    all_train = mlflow.search_runs(experiment_names=[names.DEFAULT_EXPERIMENT],
+    all_train = mlflow.search_runs(experiment_names=[schema.DEFAULT_EXPERIMENT],
                                    filter_string="tags.`ecg.role` = 'train'", output_format="list")
     assert len(all_train) == 6, "the rerun must not train anything new"

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import PROJECT_ROOT
-from ecg_mlflow.beats import (
+from ecg_mlflow.synth.beats import (
     LEAD_INDEX,
     LEADS,
     TERRITORIES,
@@ -31,10 +31,10 @@ from ecg_mlflow.beats import (
     sinus_rhythm,
     synthesize_ecg,
 )
-from ecg_mlflow.classes import CLASSES, MENDELEY_FOLDERS
+from ecg_mlflow.data.classes import CLASSES, MENDELEY_FOLDERS
 from ecg_mlflow.cli import main
-from ecg_mlflow.preprocess import GRID_BOX
-from ecg_mlflow.synth import (
+from ecg_mlflow.data.preprocess import GRID_BOX
+from ecg_mlflow.synth.reports import (
     CLASS_FOLDERS,
     FILE_PREFIXES,
     ROW_BASELINES_MM,
@@ -341,7 +341,7 @@ def test_small_pages_look_like_reports(small_set):
 
 
 def test_default_size_page_and_crop_grid(tmp_path):
-    from ecg_mlflow.preprocess import crop_box, load_pixels
+    from ecg_mlflow.data.preprocess import crop_box, load_pixels
 
     summary = write_synthetic_dataset(tmp_path / "full", per_class=1, seed=11)
     for cls in CLASSES:
@@ -376,20 +376,20 @@ def test_cli_writes_and_summarises(tmp_path):
 @pytest.mark.parametrize(
     "option, value, message",
     [
-        ("--per-class", "abc", "--per-class must be a positive integer, got 'abc'"),
-        ("--per-class", "0", "--per-class must be a positive integer, got '0'"),
-        ("--seed", "1.5", "--seed must be a non-negative integer, got '1.5'"),
+        ("--per-class", "abc", "--per-class must be an integer, got 'abc'"),
+        ("--per-class", "0", "--per-class must be at least 1, got 0"),
+        ("--seed", "1.5", "--seed must be an integer, got '1.5'"),
         ("--width", "10", "--width must be an integer from 256 to 8852, got '10'"),
         ("--height", "tall", "--height must be an integer from 182 to 6288, got 'tall'"),
-        ("--duplicates", "half", "--duplicates must be a fraction from 0 to below 1, got 'half'"),
-        ("--duplicates", "nan", "--duplicates must be a fraction from 0 to below 1, got 'nan'"),
+        ("--duplicates", "half", "--duplicates must be a number, got 'half'"),
+        ("--duplicates", "nan", "--duplicates must lie in [0.0, 1.0), got 'nan'"),
     ],
 )
 def test_cli_bad_parameter_is_one_line_naming_it(tmp_path, option, value, message):
     args = {"--out": str(tmp_path / "o"), "--per-class": "1", "--seed": "0", "--width": "442",
             "--height": "314", "--duplicates": "0", option: value}
     result = CliRunner().invoke(main, ["synth", *[x for pair in args.items() for x in pair]])
-    assert result.exit_code != 0
+    assert result.exit_code == 2
     assert result.output.strip() == f"Error: {message}"
     assert not (tmp_path / "o").exists()
 
@@ -410,15 +410,15 @@ def test_mlproject_synth_entry_point_command_runs(tmp_path):
     params["duplicates"] = "2"
     bad = shlex.split(entry["command"].format(**{k: shlex.quote(v) for k, v in params.items()}))
     refused = subprocess.run([sys.executable, *bad[1:]], capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
-    assert refused.returncode != 0
-    assert refused.stderr.strip() == "Error: --duplicates must be a fraction from 0 to below 1, got '2'"
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == "Error: --duplicates must lie in [0.0, 1.0), got '2'"
 
 
 # ---- the dataset layer reads it -------------------------------------------------------
 
 
 def test_dataset_layer_reads_the_synthetic_set(tmp_path):
-    from ecg_mlflow.dataset import build_manifest, describe
+    from ecg_mlflow.data.manifest import build_manifest, describe
 
     write_synthetic_dataset(tmp_path / "set", per_class=6, seed=4, duplicates=0.5, **SMALL)
     manifest = build_manifest(tmp_path / "set")

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from ecg_mlflow import names
-from ecg_mlflow.classes import CLASSES
-from ecg_mlflow.registry import TAG_SOURCE_RUN
-from ecg_mlflow.serving import IMAGE_COLUMN
+from ecg_mlflow import schema
+from ecg_mlflow.data.classes import CLASSES
+from ecg_mlflow.serving.pyfunc import IMAGE_COLUMN
 
 from infra_fixtures import LOOPBACK_HEX, listening_addresses
 from team_study import (
@@ -24,7 +23,7 @@ from team_study import (
 )
 
 pytestmark = [pytest.mark.infra, pytest.mark.slow]
-CHAMPION_URI = f"models:/{names.DEFAULT_MODEL_NAME}@{names.CHAMPION_ALIAS}"
+CHAMPION_URI = f"models:/{schema.DEFAULT_MODEL_NAME}@{schema.CHAMPION_ALIAS}"
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +61,14 @@ def test_a_training_run_puts_its_artifacts_and_model_in_the_bucket(team_server, 
     experiment = client.get_experiment_by_name("team-train")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "mobilenetv3large-s1"
-    assert run.data.tags[names.TAG_ROLE] == names.ROLE_TRAIN
+    assert run.data.tags[schema.TAG_ROLE] == schema.ROLE_TRAIN
     assert "test_f1_macro" in run.data.metrics and run.data.params["arch"] == "mobilenetv3large"
     # the server proxies artifacts (--serve-artifacts): the client needs no S3 credentials,
     # and what it logged is in the bucket
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")
     keys = bucket_keys(team_server)
     run_prefix = f"artifacts/{experiment.experiment_id}/{run.info.run_id}/artifacts/"
-    for artifact in names.TRAIN_RUN_ARTIFACTS:
+    for artifact in schema.TRAIN_RUN_ARTIFACTS:
         assert run_prefix + artifact in keys, f"{artifact} not in the bucket"
     model_prefix = f"artifacts/{experiment.experiment_id}/models/{logged_model_id(client, run)}/artifacts/"
     model_files = {k[len(model_prefix):] for k in keys if k.startswith(model_prefix)}
@@ -78,7 +77,7 @@ def test_a_training_run_puts_its_artifacts_and_model_in_the_bucket(team_server, 
 
     csv = team_server.s3().get_object(Bucket=team_server.bucket, Key=run_prefix + "test_predictions.csv")
     header = csv["Body"].read().decode().splitlines()[0]
-    assert all(column in header for column in names.PROB_COLUMNS), header
+    assert all(column in header for column in schema.PROB_COLUMNS), header
 
 
 def test_a_study_and_its_analysis_through_the_server(team_server, base):
@@ -92,7 +91,7 @@ def test_a_study_and_its_analysis_through_the_server(team_server, base):
     assert parent.data.metrics["runs_trained"] == 4 and parent.data.metrics["runs_reused"] == 0
     analysis = client.get_run(study.analysis_run_id)
     assert analysis.info.status == "FINISHED"
-    assert analysis.data.tags[names.TAG_STUDY] == study.parent_run_id
+    assert analysis.data.tags[schema.TAG_STUDY] == study.parent_run_id
     assert any(key.endswith("_mean_diff") for key in analysis.data.metrics)
     assert "winner:" in study.output and study.analysis_run_id in study.output
     keys = bucket_keys(team_server)
@@ -108,8 +107,8 @@ def test_promote_then_serve_the_champion_from_the_registry(team_server, base, re
                            "--force", "true"], team_server)
     assert promoted.returncode == 0, promoted.stdout[-3000:] + promoted.stderr[-3000:]
     client = mlflow_client(team_server)
-    version = client.get_model_version_by_alias(names.DEFAULT_MODEL_NAME, names.CHAMPION_ALIAS)
-    assert version.tags[TAG_SOURCE_RUN] in study.runs.values()
+    version = client.get_model_version_by_alias(schema.DEFAULT_MODEL_NAME, schema.CHAMPION_ALIAS)
+    assert version.tags[schema.TAG_SOURCE_RUN] in study.runs.values()
 
     port = free_port()
     log = tmp_path / "serve.log"
@@ -138,6 +137,6 @@ def test_promote_then_serve_the_champion_from_the_registry(team_server, base, re
         assert response.status_code == 200, response.text[:2000]
         (prediction,) = response.json()["predictions"]
         assert prediction["label"] in CLASSES
-        assert sum(prediction[c] for c in names.PROB_COLUMNS) == pytest.approx(1.0, abs=1e-5)
+        assert sum(prediction[c] for c in schema.PROB_COLUMNS) == pytest.approx(1.0, abs=1e-5)
     finally:
         stop_process_group(server)

@@ -6,7 +6,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.tracking._tracking_service.client import TrackingServiceClient
 
-from ecg_mlflow.commands.tracking import tracked_run
+from ecg_mlflow.tracking.runs import tracked_run
 
 
 def test_runs_land_in_their_experiment_when_another_process_creates_it_at_that_moment(tracking_uri, monkeypatch):

@@ -16,14 +16,14 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from ecg_mlflow import names
+from ecg_mlflow import schema
 from ecg_mlflow.cli import main
 from ecg_mlflow.config import parse_train_config
-from ecg_mlflow.features import FeatureCache, FeatureKey
-from ecg_mlflow.preprocess import load_pixels
-from ecg_mlflow.synth import write_synthetic_dataset
+from ecg_mlflow.model.features import FeatureCache, FeatureKey
+from ecg_mlflow.data.preprocess import load_pixels
+from ecg_mlflow.synth.reports import write_synthetic_dataset
 from ecg_mlflow.train import train_and_log
-from ecg_mlflow.whole_model import assemble_model, check_model_matches_head
+from ecg_mlflow.model.whole_model import assemble_model, check_model_matches_head
 
 from conftest import PROJECT_ROOT
 from serving_fixtures import server_env
@@ -32,8 +32,8 @@ VENV_BIN = Path(sys.executable).parent
 SCHEMA_PARAMS = (
     "arch", "seed", "data", "weights", "image_height", "image_width", "split", "crop",
     "learning_rate", "batch_size", "max_epochs", "patience", "dense_units", "dropout", "cache_dir",
-    names.PARAM_DATA_DIGEST, names.PARAM_TEST_DIGEST, names.PARAM_N_TRAIN, names.PARAM_N_VAL,
-    names.PARAM_N_TEST,
+    schema.PARAM_DATA_DIGEST, schema.PARAM_TEST_DIGEST, schema.PARAM_N_TRAIN, schema.PARAM_N_VAL,
+    schema.PARAM_N_TEST,
 )
 
 
@@ -44,7 +44,7 @@ def demo_set(tmp_path_factory) -> Path:
     return out
 
 
-def _runs(experiment: str = names.DEFAULT_EXPERIMENT):
+def _runs(experiment: str = schema.DEFAULT_EXPERIMENT):
     return mlflow.search_runs(experiment_names=[experiment], output_format="list")
 
 
@@ -52,7 +52,7 @@ def _runs(experiment: str = names.DEFAULT_EXPERIMENT):
 def test_mlflow_run_main_logs_the_whole_run_schema(demo_set, tracking_uri, tmp_path):
     command = [
         "mlflow", "run", str(PROJECT_ROOT), "--env-manager", "local",
-        "--experiment-name", names.DEFAULT_EXPERIMENT,
+        "--experiment-name", schema.DEFAULT_EXPERIMENT,
         "-P", "arch=resnet50", "-P", "seed=3", "-P", f"data={demo_set}", "-P", "weights=none",
         "-P", "image_height=128", "-P", "image_width=256", "-P", f"cache_dir={tmp_path / 'cache'}",
     ]
@@ -64,33 +64,33 @@ def test_mlflow_run_main_logs_the_whole_run_schema(demo_set, tracking_uri, tmp_p
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "resnet50-s3"
-    assert run.data.tags[names.TAG_ROLE] == names.ROLE_TRAIN
+    assert run.data.tags[schema.TAG_ROLE] == schema.ROLE_TRAIN
     assert set(SCHEMA_PARAMS) <= set(run.data.params)
     assert run.data.params["weights"] == "none" and run.data.params["seed"] == "3"
-    assert set(names.TRAIN_RUN_METRICS) <= set(run.data.metrics)
+    assert set(schema.TRAIN_RUN_METRICS) <= set(run.data.metrics)
 
     client = mlflow.MlflowClient()
-    stopped = int(run.data.metrics[names.METRIC_STOPPED_EPOCH])
-    for key in names.EPOCH_METRICS:
+    stopped = int(run.data.metrics[schema.METRIC_STOPPED_EPOCH])
+    for key in schema.EPOCH_METRICS:
         history = client.get_metric_history(run.info.run_id, key)
         assert sorted({m.step for m in history}) == list(range(1, stopped + 1)), key
     # The final validation loss is that of the restored best epoch, not of the last one.
-    best = int(run.data.metrics[names.METRIC_BEST_EPOCH])
+    best = int(run.data.metrics[schema.METRIC_BEST_EPOCH])
     per_epoch = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_loss")}
     assert abs(run.data.metrics["val_loss"] - per_epoch[best]) < 1e-3 or best == stopped
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert set(names.TRAIN_RUN_ARTIFACTS) <= artifacts
-    assert run.inputs.dataset_inputs[0].dataset.digest == run.data.params[names.PARAM_DATA_DIGEST][:36]
+    assert set(schema.TRAIN_RUN_ARTIFACTS) <= artifacts
+    assert run.inputs.dataset_inputs[0].dataset.digest == run.data.params[schema.PARAM_DATA_DIGEST][:36]
 
     # The logged model reloads through pyfunc and gives the logged test predictions.
     predictions = pd.read_csv(mlflow.artifacts.download_artifacts(
-        run_id=run.info.run_id, artifact_path=names.ARTIFACT_PREDICTIONS))
-    assert len(predictions) == int(run.data.params[names.PARAM_N_TEST])
-    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/{names.MODEL_ARTIFACT}")
+        run_id=run.info.run_id, artifact_path=schema.ARTIFACT_PREDICTIONS))
+    assert len(predictions) == int(run.data.params[schema.PARAM_N_TEST])
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/{schema.MODEL_ARTIFACT}")
     sample = predictions.head(5)
-    pixels = np.stack([load_pixels(demo_set / p, 128, 256) for p in sample[names.COL_RELPATH]]).astype(np.float32)
+    pixels = np.stack([load_pixels(demo_set / p, 128, 256) for p in sample[schema.COL_RELPATH]]).astype(np.float32)
     served = np.asarray(model.predict(pixels))
-    np.testing.assert_allclose(served, sample[list(names.PROB_COLUMNS)].to_numpy(), atol=1e-5)
+    np.testing.assert_allclose(served, sample[list(schema.PROB_COLUMNS)].to_numpy(), atol=1e-5)
 
 
 def test_second_run_reads_the_cache_and_reproduces_the_seed(demo_set, tracking_uri, tmp_path, monkeypatch):
@@ -98,21 +98,21 @@ def test_second_run_reads_the_cache_and_reproduces_the_seed(demo_set, tracking_u
         arch="vgg16", seed="2", data=str(demo_set), weights="none", image_height="64",
         image_width="128", max_epochs="8", cache_dir=str(tmp_path / "cache"), log_model="false",
     )
-    mlflow.set_experiment(names.DEFAULT_EXPERIMENT)
+    mlflow.set_experiment(schema.DEFAULT_EXPERIMENT)
     with mlflow.start_run():
         first = train_and_log(config, progress=False)
     assert first.cache.misses > 0 and first.cache.hits == 0
 
-    import ecg_mlflow.backbones
+    import ecg_mlflow.model.backbones
 
     def no_backbone(*args, **kwargs):
         raise AssertionError("the backbone ran although every feature was cached")
 
-    monkeypatch.setattr(ecg_mlflow.backbones, "shared_feature_extractor", no_backbone)
+    monkeypatch.setattr(ecg_mlflow.model.backbones, "shared_feature_extractor", no_backbone)
     with mlflow.start_run():
         second = train_and_log(config, progress=False)
     assert second.cache.misses == 0 and second.cache.hits == first.cache.misses
-    for key in names.evaluation_metric_names("test") + names.evaluation_metric_names("val"):
+    for key in schema.evaluation_metric_names("test") + schema.evaluation_metric_names("val"):
         a, b = first.metrics[key], second.metrics[key]
         assert (np.isnan(a) and np.isnan(b)) or a == b, key
     logged = mlflow.get_run(second.run_id).data.metrics
@@ -120,8 +120,8 @@ def test_second_run_reads_the_cache_and_reproduces_the_seed(demo_set, tracking_u
 
 
 def test_damaged_cache_entry_is_recomputed(demo_set, tmp_path):
-    from ecg_mlflow.dataset import build_manifest
-    from ecg_mlflow.features import extract_features
+    from ecg_mlflow.data.manifest import build_manifest
+    from ecg_mlflow.model.features import extract_features
 
     manifest = build_manifest(demo_set)
     paths = {r.sha256: manifest.path_of(r) for r in manifest.records[:4]}
@@ -142,8 +142,8 @@ def test_damaged_cache_entry_is_recomputed(demo_set, tmp_path):
 
 
 def test_whole_model_must_equal_the_head_on_cached_features(demo_set, tmp_path):
-    from ecg_mlflow.backbones import build_feature_extractor
-    from ecg_mlflow.head import build_head
+    from ecg_mlflow.model.backbones import build_feature_extractor
+    from ecg_mlflow.model.head import build_head
 
     config = parse_train_config(arch="vgg16", weights="none", image_height="64", image_width="64")
     paths = sorted(demo_set.rglob("*.jpg"))[:3]
@@ -212,14 +212,14 @@ def test_training_on_a_subset_of_the_real_images(real_images, tracking_uri, tmp_
         arch="resnet50", seed="1", data=str(subset), weights="none", image_height="64",
         image_width="128", max_epochs="5", cache_dir=str(tmp_path / "cache"), log_model="false",
     )
-    mlflow.set_experiment(names.DEFAULT_EXPERIMENT)
+    mlflow.set_experiment(schema.DEFAULT_EXPERIMENT)
     with mlflow.start_run():
         result = train_and_log(config, progress=False)
     run = mlflow.get_run(result.run_id)
-    assert int(run.data.params[names.PARAM_N_TEST]) == len(result.split.test) == 8
-    assert run.data.metrics[names.METRIC_LEAKAGE_EXACT] == result.leakage.exact > 0
+    assert int(run.data.params[schema.PARAM_N_TEST]) == len(result.split.test) == 8
+    assert run.data.metrics[schema.METRIC_LEAKAGE_EXACT] == result.leakage.exact > 0
     assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
-    split_csv = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path=names.ARTIFACT_SPLIT))
+    split_csv = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path=schema.ARTIFACT_SPLIT))
     assert len(split_csv) == 40 and set(split_csv["subset"]) == {"train", "val", "test"}
 
 
@@ -249,9 +249,9 @@ def test_sigterm_ends_the_run_killed_and_leaves_the_cache_sound(demo_set, tracki
 def test_cached_features_are_exactly_what_the_logged_model_computes(demo_set, tmp_path):
     """The cache is filled in graph mode, as Keras' predict runs the logged model; eager
     calls round differently and broke the 1e-5 check on EfficientNetV2-S at 512 x 1024."""
-    from ecg_mlflow.dataset import build_manifest
-    from ecg_mlflow.features import extract_features
-    from ecg_mlflow.head import build_head
+    from ecg_mlflow.data.manifest import build_manifest
+    from ecg_mlflow.model.features import extract_features
+    from ecg_mlflow.model.head import build_head
 
     manifest = build_manifest(demo_set)
     records = manifest.records[:4]

@@ -14,10 +14,13 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from ecg_mlflow import names
-from ecg_mlflow import tune as tuning
+from ecg_mlflow import schema
+from ecg_mlflow.tune import config as tune_config
+from ecg_mlflow.tune import objective as tune_objective
+from ecg_mlflow.tune import space as tune_space
+from ecg_mlflow.tune import storage as tune_storage
 from ecg_mlflow.config import HEAD_FIELDS, ConfigError
-from ecg_mlflow.head import HeadConfig
+from ecg_mlflow.model.head import HeadConfig
 
 from conftest import PROJECT_ROOT
 from team_study import demo_set
@@ -41,7 +44,7 @@ def synthetic(tmp_path_factory) -> Path:
 
 def quadratic(trial) -> float:
     """A cheap objective over the real search space, for sampler tests."""
-    head = tuning.suggest_head(trial, HeadConfig())
+    head = tune_space.suggest_head(trial, HeadConfig())
     return (np.log10(head.learning_rate) + 3) ** 2 + head.dropout + head.dense_units[0] / 1024
 
 
@@ -50,14 +53,14 @@ def quadratic(trial) -> float:
 @pytest.mark.parametrize("raw, seeds", [("1", (1,)), ("1,2,3", (1, 2, 3)), ("1-3", (1, 2, 3)),
                                         (" 4 - 5 , 9", (4, 5, 9))])
 def test_seeds_forms(raw, seeds):
-    assert tuning.parse_seeds(raw) == seeds
+    assert tune_config.parse_seeds(raw) == seeds
 
 
 @pytest.mark.parametrize("raw, message", [("3-1", "runs backwards"), ("1,1", "distinct"),
                                           ("a", "seeds must look like"), ("", "seeds must look like")])
 def test_bad_seeds_name_the_parameter(raw, message):
     with pytest.raises(ConfigError, match=message):
-        tuning.parse_seeds(raw)
+        tune_config.parse_seeds(raw)
 
 
 @pytest.mark.parametrize("option, value, fragment", [
@@ -82,7 +85,7 @@ def test_bad_values_fail_with_one_line_naming_the_parameter(option, value, fragm
 
 
 def test_redacted_storage_hides_the_password():
-    assert tuning.redact_storage("postgresql+psycopg2://ecg:s3cret@127.0.0.1:5432/optuna") == (
+    assert tune_config.redact_storage("postgresql+psycopg2://ecg:s3cret@127.0.0.1:5432/optuna") == (
         "postgresql+psycopg2://ecg:***@127.0.0.1:5432/optuna")
 
 
@@ -105,12 +108,12 @@ def test_mlproject_tune_passes_every_parameter_to_the_cli():
 def test_search_space_second_layer_may_be_absent_and_params_round_trip():
     import optuna
 
-    one = tuning.suggest_head(optuna.trial.FixedTrial(
+    one = tune_space.suggest_head(optuna.trial.FixedTrial(
         {"units_1": 256, "units_2": 0, "dropout": 0.1, "learning_rate": 3e-4, "batch_size": 32}), HeadConfig())
     assert one.dense_units == (256,) and one.batch_size == 32 and one.learning_rate == 3e-4
     paper = HeadConfig()
-    assert tuning.head_from_params(tuning.params_from_head(paper), paper) == paper
-    assert tuning.head_from_params(tuning.params_from_head(one), paper) == one
+    assert tune_space.head_from_params(tune_space.params_from_head(paper), paper) == paper
+    assert tune_space.head_from_params(tune_space.params_from_head(one), paper) == one
 
 
 def test_trial_seeded_sampler_reproduces_a_study_and_parallel_workers_never_repeat():
@@ -123,7 +126,7 @@ def test_trial_seeded_sampler_reproduces_a_study_and_parallel_workers_never_repe
 
     runs = []
     for _ in range(2):
-        study = optuna.create_study(sampler=tuning.make_sampler(7))
+        study = optuna.create_study(sampler=tune_storage.make_sampler(7))
         study.optimize(quadratic, n_trials=14)  # past the start-up trials, into TPE proper
         runs.append(params_of(study))
     assert runs[0] == runs[1]
@@ -140,27 +143,27 @@ def test_trial_seeded_sampler_reproduces_a_study_and_parallel_workers_never_repe
 
     plain = interleaved(lambda: optuna.samplers.TPESampler(seed=7))
     assert len(set(plain)) < len(plain)  # the hazard: equal seeds replay one random sequence
-    ours = interleaved(lambda: tuning.make_sampler(7))
+    ours = interleaved(lambda: tune_storage.make_sampler(7))
     assert len(set(ours)) == len(ours) == 8
 
 
 # --- pruning inside Keras -------------------------------------------------------------
 
-def blob_seed_data(seed: int) -> tuning.SeedData:
+def blob_seed_data(seed: int) -> tune_objective.SeedData:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 4, 60)
     x = (rng.normal(0, 2, (4, 8))[labels] + rng.normal(0, 1, (60, 8))).astype(np.float32)
     y = np.eye(4, dtype=np.float32)[labels]
-    return tuning.SeedData(seed, x[:40], y[:40], x[40:], y[40:])
+    return tune_objective.SeedData(seed, x[:40], y[:40], x[40:], y[40:])
 
 
 def test_pruning_propagates_out_of_keras_and_leaves_no_run_half_logged(tracking_uri, tmp_path):
     import mlflow
     import optuna
 
-    from ecg_mlflow.tune_tracking import tracked_objective
+    from ecg_mlflow.tune.objective import tracked_objective
 
-    config = tuning.parse_tune_config(max_epochs="30", patience="30", seeds="1,2",
+    config = tune_config.parse_tune_config(max_epochs="30", patience="30", seeds="1,2",
                                       storage=f"sqlite:///{tmp_path}/o.db", study_name="prune")
     # Any validation loss above 0 is "too high" once step 3 is reached: prune at epoch 3.
     study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=0.0, n_warmup_steps=3))
@@ -171,9 +174,9 @@ def test_pruning_propagates_out_of_keras_and_leaves_no_run_half_logged(tracking_
     assert trial.state == optuna.trial.TrialState.PRUNED
     assert sorted(trial.intermediate_values) == [1, 2, 3]
     client = mlflow.MlflowClient()
-    run = client.get_run(trial.user_attrs[tuning.MLFLOW_RUN_ATTR])
+    run = client.get_run(trial.user_attrs[tune_objective.MLFLOW_RUN_ATTR])
     assert run.info.status == "FINISHED"
-    assert run.data.tags[names.TAG_TUNE_STATE] == names.TUNE_STATE_PRUNED
+    assert run.data.tags[schema.TAG_TUNE_STATE] == schema.TUNE_STATE_PRUNED
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert run.data.metrics["pruned"] == 1 and run.data.metrics["pruned_epoch"] == 3
     assert run.data.metrics["pruned_seed"] == 1
@@ -184,21 +187,21 @@ def test_pruning_propagates_out_of_keras_and_leaves_no_run_half_logged(tracking_
 def test_seeds_are_scored_on_their_own_validation_draws_and_averaged(synthetic, tmp_path):
     import optuna
 
-    from ecg_mlflow.splits import make_split
+    from ecg_mlflow.data.splits import make_split
     from ecg_mlflow.train import load_dataset, prepare_features
 
-    config = tuning.parse_tune_config(**TINY, data=str(synthetic), cache_dir=str(tmp_path / "cache"),
+    config = tune_config.parse_tune_config(**TINY, data=str(synthetic), cache_dir=str(tmp_path / "cache"),
                                       seeds="1,2", storage=f"sqlite:///{tmp_path}/o.db")
     manifest = load_dataset(str(synthetic), progress=False)
     prepared = prepare_features(config.train, manifest, make_split(manifest, "paper", 1), progress=False)
-    rows = tuning.seed_data(prepared, config.seeds)
+    rows = tune_objective.seed_data(prepared, config.seeds)
     for seed_rows in rows:
         split = make_split(manifest, "paper", seed_rows.seed)
         assert len(seed_rows.x_val) == len(split.val) and len(seed_rows.x_train) == len(split.train)
     assert not np.array_equal(rows[0].x_val, rows[1].x_val)  # each seed draws its own validation set
     study = optuna.create_study()
     trial = study.ask()
-    score = tuning.score_head(trial, HeadConfig(dense_units=(16,), max_epochs=3, patience=2), rows)
+    score = tune_objective.score_head(trial, HeadConfig(dense_units=(16,), max_epochs=3, patience=2), rows)
     assert score.value == pytest.approx(np.mean(list(score.val_loss.values())))
     assert set(score.val_loss) == {1, 2}
 
@@ -214,19 +217,19 @@ def runs_of(experiment: str):
 
 def check_trial_runs(runs, study, parents: dict[str, list[int]]) -> None:
     """Every trial of `study` has exactly one MLflow run, under the worker that ran it."""
-    trial_runs = [r for r in runs if r.data.tags.get(names.TAG_ROLE) == names.ROLE_TUNE_TRIAL
-                  and r.data.tags.get(names.TAG_TUNE_STUDY) == study.study_name]
-    numbers = sorted(int(r.data.tags[names.TAG_TUNE_TRIAL]) for r in trial_runs)
+    trial_runs = [r for r in runs if r.data.tags.get(schema.TAG_ROLE) == schema.ROLE_TUNE_TRIAL
+                  and r.data.tags.get(schema.TAG_TUNE_STUDY) == study.study_name]
+    numbers = sorted(int(r.data.tags[schema.TAG_TUNE_TRIAL]) for r in trial_runs)
     assert numbers == sorted(t.number for t in study.trials)
     owner = {n: parent for parent, ran in parents.items() for n in ran}
     for run in trial_runs:
-        number = int(run.data.tags[names.TAG_TUNE_TRIAL])
+        number = int(run.data.tags[schema.TAG_TUNE_TRIAL])
         assert run.data.tags["mlflow.parentRunId"] == owner[number]
-        assert study.trials[number].user_attrs[tuning.MLFLOW_RUN_ATTR] == run.info.run_id
+        assert study.trials[number].user_attrs[tune_objective.MLFLOW_RUN_ATTR] == run.info.run_id
         assert run.info.status == "FINISHED"
-        assert run.data.tags[names.TAG_TUNE_STATE] in (names.TUNE_STATE_COMPLETE, names.TUNE_STATE_PRUNED)
+        assert run.data.tags[schema.TAG_TUNE_STATE] in (schema.TUNE_STATE_COMPLETE, schema.TUNE_STATE_PRUNED)
         assert not [k for k in run.data.metrics if k.startswith("test_")]  # never the test set
-        if run.data.tags[names.TAG_TUNE_STATE] == names.TUNE_STATE_COMPLETE:
+        if run.data.tags[schema.TAG_TUNE_STATE] == schema.TUNE_STATE_COMPLETE:
             assert run.data.metrics["val_loss"] == pytest.approx(study.trials[number].value)
 
 
@@ -240,7 +243,7 @@ def worker_trials(run) -> list[int]:
 def best_head_of(run) -> dict:
     import mlflow
 
-    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=tuning.ARTIFACT_BEST_HEAD)
+    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=schema.ARTIFACT_BEST_HEAD)
     return json.loads(Path(path).read_text())
 
 
@@ -257,7 +260,7 @@ def test_sqlite_workers_share_a_study_reuse_the_cache_and_the_tuned_head_trains(
     import optuna
 
     from ecg_mlflow.cli import main
-    from ecg_mlflow.config import parse_train_config
+    from ecg_mlflow.config import resolve_train_config
     from ecg_mlflow.train import train_and_log
 
     storage = f"sqlite:///{tmp_path}/optuna.db"
@@ -272,9 +275,9 @@ def test_sqlite_workers_share_a_study_reuse_the_cache_and_the_tuned_head_trains(
     study = optuna.load_study(study_name="solo", storage=storage)
     assert len(study.trials) == 5
     assert all(t.state.is_finished() for t in study.trials)
-    assert study.trials[0].params == tuning.params_from_head(HeadConfig())  # the paper's head, as baseline
+    assert study.trials[0].params == tune_space.params_from_head(HeadConfig())  # the paper's head, as baseline
     runs = runs_of("tune-sqlite")
-    parents = sorted((r for r in runs if r.data.tags.get(names.TAG_ROLE) == names.ROLE_TUNE),
+    parents = sorted((r for r in runs if r.data.tags.get(schema.TAG_ROLE) == schema.ROLE_TUNE),
                      key=lambda r: r.info.start_time)
     assert [worker_trials(p) for p in parents] == [[0, 1, 2], [3, 4]]
     # The first worker ran the backbone once per image, the second none at all.
@@ -288,13 +291,13 @@ def test_sqlite_workers_share_a_study_reuse_the_cache_and_the_tuned_head_trains(
     assert best["value"] == pytest.approx(study.best_value) and best["trial"] == study.best_trial.number
     assert last.data.metrics["best_val_loss"] == pytest.approx(study.best_value)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(last.info.run_id)}
-    assert {tuning.ARTIFACT_BEST_HEAD, tuning.ARTIFACT_HISTORY, tuning.ARTIFACT_IMPORTANCES,
-            tuning.ARTIFACT_TRIALS, tuning.ARTIFACT_SEARCH_SPACE} <= artifacts
+    assert {schema.ARTIFACT_BEST_HEAD, schema.ARTIFACT_HISTORY, schema.ARTIFACT_IMPORTANCES,
+            schema.ARTIFACT_TRIALS, schema.ARTIFACT_SEARCH_SPACE} <= artifacts
     assert last.data.params["storage"] == storage and last.data.params["seeds"] == "1,2"
 
     # The tuned head, by run URI, is the head a real training run trains.
-    config = parse_train_config(**TINY, data=str(synthetic), cache_dir=str(cache), seed="1", log_model="false",
-                                head_config=f"runs:/{last.info.run_id}/{tuning.ARTIFACT_BEST_HEAD}")
+    config = resolve_train_config(**TINY, data=str(synthetic), cache_dir=str(cache), seed="1", log_model="false",
+                                head_config=f"runs:/{last.info.run_id}/{schema.ARTIFACT_BEST_HEAD}")
     mlflow.set_experiment("tune-sqlite-train")
     with mlflow.start_run() as run:
         result = train_and_log(config, progress=False)
@@ -328,7 +331,7 @@ def test_two_postgres_workers_make_one_study(team_server, synthetic, tmp_path): 
     import optuna
 
     from ecg_mlflow.config import parse_train_config
-    from ecg_mlflow.splits import make_split
+    from ecg_mlflow.data.splits import make_split
     from ecg_mlflow.train import load_dataset, prepare_features
 
     cache = tmp_path / "cache"
@@ -356,7 +359,7 @@ def test_two_postgres_workers_make_one_study(team_server, synthetic, tmp_path): 
     mlflow.set_tracking_uri(team_server.tracking_uri)
     try:
         runs = runs_of("tune-postgres")
-        parents = [r for r in runs if r.data.tags.get(names.TAG_ROLE) == names.ROLE_TUNE]
+        parents = [r for r in runs if r.data.tags.get(schema.TAG_ROLE) == schema.ROLE_TUNE]
         assert len(parents) == 2
         ran = {p.info.run_id: worker_trials(p) for p in parents}
         assert sorted(n for trials in ran.values() for n in trials) == list(range(6))

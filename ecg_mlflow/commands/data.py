@@ -25,7 +25,7 @@ def data() -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 def describe_command(directory: str, skip_bad: bool, as_json: bool, progress: bool) -> None:
     """Per class: files, unique images, duplicate groups, near-duplicate pairs; and the digest."""
-    from ecg_mlflow.dataset import DatasetError, build_manifest, describe
+    from ecg_mlflow.data.manifest import DatasetError, build_manifest, describe
 
     try:
         manifest = build_manifest(directory, skip_bad=skip_bad, progress=progress and not as_json)
@@ -64,8 +64,8 @@ def _report(result, limit: int = 20) -> None:  # result: mendeley.Verification
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 def verify_command(directory: str) -> None:
     """Check DIRECTORY file by file against the published Mendeley v2 SHA-256 list."""
-    from ecg_mlflow.dataset import DatasetError
-    from ecg_mlflow.mendeley import verify
+    from ecg_mlflow.data.manifest import DatasetError
+    from ecg_mlflow.data.mendeley import verify
 
     try:
         result = verify(directory)
@@ -83,9 +83,9 @@ def verify_command(directory: str) -> None:
               help="Seconds before the first retry; doubles with every retry.")
 def download_command(directory: str, url: str | None, attempts: int, backoff: float) -> None:
     """Download the Mendeley v2 archive, unpack its class folders into DIRECTORY, verify them."""
-    from ecg_mlflow.dataset import DatasetError
-    from ecg_mlflow.mendeley import MENDELEY_URL
-    from ecg_mlflow.mendeley_download import DownloadError, download_dataset
+    from ecg_mlflow.data.manifest import DatasetError
+    from ecg_mlflow.data.mendeley import MENDELEY_URL
+    from ecg_mlflow.data.download import DownloadError, download_dataset
 
     try:
         result = download_dataset(directory, url or MENDELEY_URL, attempts=attempts, backoff_s=backoff)

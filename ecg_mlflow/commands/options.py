@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import click
 
-from ecg_mlflow.config import ConfigError, TrainConfig, parse_train_config
+from ecg_mlflow.config import ConfigError, TrainConfig, resolve_train_config
 
 _DEFAULTS = TrainConfig()
 
@@ -45,11 +45,18 @@ def train_options(func: Callable) -> Callable:
 
 
 def parse_or_exit(**raw) -> TrainConfig:
-    """parse_train_config, turning a ConfigError into click's one-line usage error."""
+    """resolve_train_config, turning a ConfigError into click's one-line usage error."""
     try:
-        return parse_train_config(**raw)
+        return resolve_train_config(**raw)
     except ConfigError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+class BadValue(click.ClickException):
+    """A parameter value the user can fix: one line `Error: ...` naming it, exit status 2
+    (click's usage-error status, as for every bad parameter of every command)."""
+
+    exit_code = 2
 
 
 class Terminated(KeyboardInterrupt):
@@ -67,12 +74,13 @@ def stop_on_sigterm() -> None:
 def reported_errors(interrupted: str) -> Iterator[None]:
     """One clear line for what the user can fix: bad parameters or data (usage error, exit
     2), an unreachable tracking server (exit 1), Ctrl-C/SIGTERM (`interrupted`, exit 130)."""
-    from ecg_mlflow.dataset import DatasetError
-    from ecg_mlflow.tracking_server import TrackingServerUnavailable
+    from ecg_mlflow.data.manifest import DatasetError
+    from ecg_mlflow.model.backbones import BackboneError
+    from ecg_mlflow.tracking.server import TrackingServerUnavailable
 
     try:
         yield
-    except (ConfigError, DatasetError) as exc:
+    except (ConfigError, DatasetError, BackboneError) as exc:
         raise click.BadParameter(str(exc)) from None
     except TrackingServerUnavailable as exc:
         raise click.ClickException(str(exc)) from None

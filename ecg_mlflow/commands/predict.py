@@ -8,14 +8,14 @@ from pathlib import Path
 
 import click
 
-from ecg_mlflow import names
+from ecg_mlflow import schema
 
 
 @click.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--url", default=None, help="a served model, e.g. http://127.0.0.1:5001 (POST /invocations)")
 @click.option("--model", "model_uri", default=None,
-              help=f"a model URI predicted in this process, e.g. models:/{names.DEFAULT_MODEL_NAME}@{names.CHAMPION_ALIAS}")
+              help=f"a model URI predicted in this process, e.g. models:/{schema.DEFAULT_MODEL_NAME}@{schema.CHAMPION_ALIAS}")
 @click.option("--json", "as_json", is_flag=True, help="one JSON list of {file, label, prob_*} for machines")
 def predict(files: tuple[Path, ...], url: str | None, model_uri: str | None, as_json: bool) -> None:
     """Print the diagnosis (label) and the four class probabilities of each image FILE.
@@ -35,11 +35,11 @@ def predict(files: tuple[Path, ...], url: str | None, model_uri: str | None, as_
         click.echo(json.dumps(frame.to_dict(orient="records"), indent=2))
         return
     width = max(len("file"), *(len(str(p)) for p in files))
-    header = f"{'file':<{width}}  {'label':<5}  " + "  ".join(f"{c:>9}" for c in names.PROB_COLUMNS)
+    header = f"{'file':<{width}}  {'label':<5}  " + "  ".join(f"{c:>9}" for c in schema.PROB_COLUMNS)
     click.echo(header)
     for row in frame.itertuples(index=False):
         record = row._asdict()
-        probs = "  ".join(f"{record[c]:>9.4f}" for c in names.PROB_COLUMNS)
+        probs = "  ".join(f"{record[c]:>9.4f}" for c in schema.PROB_COLUMNS)
         click.echo(f"{record['file']:<{width}}  {record['label']:<5}  {probs}")
 
 
@@ -48,7 +48,7 @@ def _legend(files: tuple[Path, ...]) -> str:
 
 
 def _over_http(url: str, images: list[bytes], files: tuple[Path, ...]):
-    from ecg_mlflow.serving import ServingError, predict_over_http
+    from ecg_mlflow.serving.client import ServingError, predict_over_http
 
     try:
         return predict_over_http(url, images)
@@ -67,7 +67,7 @@ def _in_process(model_uri: str, images: list[bytes], files: tuple[Path, ...]):
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from ecg_mlflow.serving import IMAGE_COLUMN
+    from ecg_mlflow.serving.pyfunc import IMAGE_COLUMN
 
     try:
         model = mlflow.pyfunc.load_model(model_uri)

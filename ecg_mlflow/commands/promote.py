@@ -7,16 +7,18 @@ import sys
 
 import click
 
-from ecg_mlflow import names
+from ecg_mlflow import schema
+from ecg_mlflow.commands.options import BadValue
+from ecg_mlflow.parsing import ConfigError
 
 
 @click.command()
-@click.option("--experiment", default=names.DEFAULT_EXPERIMENT, show_default=True,
+@click.option("--experiment", default=schema.DEFAULT_EXPERIMENT, show_default=True,
               help="experiment holding the analysis; the promote run is logged there too (inside `mlflow run`: that run)")
 @click.option("--analysis-run", default="latest", show_default=True, help="analysis run id, or 'latest'")
 @click.option("--metric", default="accuracy", show_default=True,
               help="metric whose Bonferroni-corrected significance decides, and whose validation value picks the seed")
-@click.option("--model-name", default=names.DEFAULT_MODEL_NAME, show_default=True, help="registered model name")
+@click.option("--model-name", default=schema.DEFAULT_MODEL_NAME, show_default=True, help="registered model name")
 @click.option("--force", default="false", show_default=True, flag_value="true", is_flag=False,
               help="true: promote the higher mean even when the difference is not significant")
 def promote(experiment: str, analysis_run: str, metric: str, model_name: str, force: str) -> None:
@@ -28,10 +30,10 @@ def promote(experiment: str, analysis_run: str, metric: str, model_name: str, fo
     """
     from mlflow import MlflowClient
 
-    from ecg_mlflow.registry import (
+    from ecg_mlflow.promotion import (
         PromotionError, PromotionRefused, move_champion, plan_promotion, register_version,
     )
-    from ecg_mlflow.serving import log_serving_model
+    from ecg_mlflow.serving.packaging import log_serving_model
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client = MlflowClient()
@@ -40,6 +42,8 @@ def promote(experiment: str, analysis_run: str, metric: str, model_name: str, fo
     except PromotionRefused as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    except ConfigError as exc:
+        raise BadValue(str(exc)) from None
     except PromotionError as exc:
         raise click.ClickException(str(exc)) from None
     for note in plan.notes:
@@ -47,13 +51,13 @@ def promote(experiment: str, analysis_run: str, metric: str, model_name: str, fo
 
     import mlflow
 
-    from ecg_mlflow.commands.tracking import tracked_run
-    from ecg_mlflow.train import log_unlogged_params
+    from ecg_mlflow.tracking.runs import tracked_run
+    from ecg_mlflow.tracking.params import log_unlogged_params
 
     try:
         # inside `mlflow run` the run is that run and already lives in its experiment
         with tracked_run(experiment, f"promote-{plan.arch}-s{plan.seed}",
-                         {names.TAG_ROLE: names.ROLE_PROMOTE, names.TAG_STUDY: plan.study_run_id}) as run:
+                         {schema.TAG_ROLE: schema.ROLE_PROMOTE, schema.TAG_STUDY: plan.study_run_id}) as run:
             log_unlogged_params(run.info.run_id, {
                 "model_name": plan.model_name, "metric": plan.metric, "force": str(plan.forced).lower(),
                 "analysis_run_id": plan.analysis_run_id, "source_run_id": plan.source_run_id})
@@ -81,9 +85,9 @@ def promote(experiment: str, analysis_run: str, metric: str, model_name: str, fo
     else:
         click.echo(f"registered {plan.model_name} version {version} (promote run {run.info.run_id})")
     if move.changed:
-        previous = f", {names.PREVIOUS_CHAMPION_ALIAS} -> version {move.previous}" if move.previous else ""
-        click.echo(f"alias {names.CHAMPION_ALIAS} -> version {version}{previous}")
+        previous = f", {schema.PREVIOUS_CHAMPION_ALIAS} -> version {move.previous}" if move.previous else ""
+        click.echo(f"alias {schema.CHAMPION_ALIAS} -> version {version}{previous}")
     else:
-        click.echo(f"alias {names.CHAMPION_ALIAS} already points at version {version}")
-    click.echo(f'serve: mlflow models serve -m "models:/{plan.model_name}@{names.CHAMPION_ALIAS}" '
+        click.echo(f"alias {schema.CHAMPION_ALIAS} already points at version {version}")
+    click.echo(f'serve: mlflow models serve -m "models:/{plan.model_name}@{schema.CHAMPION_ALIAS}" '
                "-p 5001 --env-manager local")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ecg_mlflow import names
+from ecg_mlflow import schema
 from ecg_mlflow.commands.options import parse_or_exit, reported_errors, stop_on_sigterm, train_options
-from ecg_mlflow.commands.tracking import EXPERIMENT_HELP, tracked_run
+from ecg_mlflow.tracking.runs import EXPERIMENT_HELP, tracked_run
 from ecg_mlflow.config import ConfigError
 
 
@@ -17,11 +17,11 @@ from ecg_mlflow.config import ConfigError
 @train_options
 @click.option("--analyze", "analyze", default="true", show_default=True,
               help="run the analysis when every pair has finished (true|false)")
-@click.option("--experiment", default=names.DEFAULT_EXPERIMENT, help=EXPERIMENT_HELP)
+@click.option("--experiment", default=schema.DEFAULT_EXPERIMENT, help=EXPERIMENT_HELP)
 def study(archs: str, seeds: str, analyze: str, experiment: str, **raw: str) -> None:
     """Train every (arch, seed) pair as child runs of one study run; resumable."""
-    from ecg_mlflow.study import parse_archs, parse_seeds
     from ecg_mlflow.config import parse_bool
+    from ecg_mlflow.study import parse_archs, parse_seeds
 
     try:
         arch_list, seed_list = parse_archs(archs), parse_seeds(seeds)
@@ -38,7 +38,7 @@ def study(archs: str, seeds: str, analyze: str, experiment: str, **raw: str) -> 
     with reported_errors("unfinished runs are marked KILLED; rerun the study to resume"):
         manifest = load_dataset(base.data)
         name = f"study-{'-vs-'.join(arch_list)}"
-        with tracked_run(experiment, name, {names.TAG_ROLE: names.ROLE_STUDY}) as parent:
+        with tracked_run(experiment, name, {schema.TAG_ROLE: schema.ROLE_STUDY}) as parent:
             outcome = run_study(arch_list, seed_list, base, manifest)
             click.echo(f"study {parent.info.run_id}: trained {len(outcome.trained)}, "
                        f"reused {len(outcome.adopted)}, failed {len(outcome.failed)}")
@@ -49,10 +49,10 @@ def study(archs: str, seeds: str, analyze: str, experiment: str, **raw: str) -> 
                     f"{len(outcome.failed)} run(s) failed; rerun the same study to retry only those"
                 )
             if then_analyze and len(arch_list) == 2:
-                from analysis.cli import DEFAULT_METRICS, analyze_and_report
-                from analysis.run import parse_metrics
-
+                # `analyze` with its defaults, as the CLI registered it (see cli.COMMAND_GROUP)
+                context = click.get_current_context()
+                analyze = context.find_root().command.get_command(context, "analyze")
                 experiment_name = mlflow.get_experiment(parent.info.experiment_id).name
-                analyze_and_report(experiment_name, parent.info.run_id, parse_metrics(DEFAULT_METRICS), 0.05)
+                context.invoke(analyze, experiment=experiment_name, study=parent.info.run_id)
             elif then_analyze:
                 click.echo("analysis skipped: it compares exactly two backbones")

@@ -6,26 +6,8 @@ import time
 
 import click
 
-
-def _parse_int(option: str, value: str, *, minimum: int, what: str) -> int:
-    """MLflow passes every parameter as a string: check it here, with one line naming the option."""
-    try:
-        number = int(value.strip())
-    except ValueError:
-        raise click.ClickException(f"{option} must be {what}, got {value!r}") from None
-    if number < minimum:
-        raise click.ClickException(f"{option} must be {what}, got {value!r}")
-    return number
-
-
-def _parse_fraction(option: str, value: str) -> float:
-    try:
-        number = float(value.strip())
-    except ValueError:
-        number = float("nan")
-    if not 0.0 <= number < 1.0:  # also false for nan
-        raise click.ClickException(f"{option} must be a fraction from 0 to below 1, got {value!r}")
-    return number
+from ecg_mlflow.commands.options import BadValue
+from ecg_mlflow.parsing import ConfigError, parse_float, parse_int
 
 
 @click.command("synth")
@@ -45,17 +27,16 @@ def synth(out: str, per_class: str, seed: str, width: str, height: str, duplicat
     Each class (MI, HMI, AHB, NORM) gets its own folder with files named like the real set
     (MI(1).jpg, PMI(1).jpg, HB(1).jpg, Normal(1).jpg).
     """
-    from ecg_mlflow.synth import MAX_HEIGHT, MAX_WIDTH, MIN_HEIGHT, MIN_WIDTH, write_synthetic_dataset
+    from ecg_mlflow.synth.reports import MAX_HEIGHT, MAX_WIDTH, MIN_HEIGHT, MIN_WIDTH, write_synthetic_dataset
 
-    n = _parse_int("--per-class", per_class, minimum=1, what="a positive integer")
-    s = _parse_int("--seed", seed, minimum=0, what="a non-negative integer")
-    w = _parse_int("--width", width, minimum=1, what=f"an integer from {MIN_WIDTH} to {MAX_WIDTH}")
-    h = _parse_int("--height", height, minimum=1, what=f"an integer from {MIN_HEIGHT} to {MAX_HEIGHT}")
-    if not MIN_WIDTH <= w <= MAX_WIDTH:
-        raise click.ClickException(f"--width must be an integer from {MIN_WIDTH} to {MAX_WIDTH}, got {width!r}")
-    if not MIN_HEIGHT <= h <= MAX_HEIGHT:
-        raise click.ClickException(f"--height must be an integer from {MIN_HEIGHT} to {MAX_HEIGHT}, got {height!r}")
-    d = _parse_fraction("--duplicates", duplicates)
+    try:
+        n = parse_int("--per-class", per_class, minimum=1)
+        s = parse_int("--seed", seed, minimum=0)
+        w = parse_int("--width", width, minimum=MIN_WIDTH, maximum=MAX_WIDTH)
+        h = parse_int("--height", height, minimum=MIN_HEIGHT, maximum=MAX_HEIGHT)
+        d = parse_float("--duplicates", duplicates, 0.0, 1.0, low_open=False)
+    except ConfigError as exc:
+        raise BadValue(str(exc)) from None
 
     started = time.perf_counter()
     try:

@@ -5,16 +5,16 @@ from __future__ import annotations
 import click
 
 from ecg_mlflow.commands.options import parse_or_exit, reported_errors, stop_on_sigterm, train_options
-from ecg_mlflow.commands.tracking import EXPERIMENT_HELP, tracked_run
-from ecg_mlflow import names
-from ecg_mlflow.backbones import BACKBONES
+from ecg_mlflow.tracking.runs import EXPERIMENT_HELP, tracked_run
+from ecg_mlflow import schema
+from ecg_mlflow.model.backbones import BACKBONES
 
 
 @click.command()
 @click.option("--arch", default="resnet50", show_default=True, help=f"backbone: {', '.join(BACKBONES)}")
 @click.option("--seed", default="1", show_default=True, help="run seed: validation draw and head initialisation")
 @train_options
-@click.option("--experiment", default=names.DEFAULT_EXPERIMENT, help=EXPERIMENT_HELP)
+@click.option("--experiment", default=schema.DEFAULT_EXPERIMENT, help=EXPERIMENT_HELP)
 def train(experiment: str, **raw: str) -> None:
     """Train the head on cached frozen-backbone features and log the run to MLflow."""
     config = parse_or_exit(**raw)
@@ -23,5 +23,5 @@ def train(experiment: str, **raw: str) -> None:
 
     with reported_errors("the run is marked KILLED; the feature cache stays consistent"):
         manifest = load_dataset(config.data)  # bad data fails before a run is opened
-        with tracked_run(experiment, run_name(config), {names.TAG_ROLE: names.ROLE_TRAIN}):
+        with tracked_run(experiment, run_name(config), {schema.TAG_ROLE: schema.ROLE_TRAIN}):
             train_and_log(config, manifest=manifest)

@@ -110,12 +110,12 @@ def create_study_run(client, experiment_id: str, archs: tuple[str, ...], seeds: 
     """The study parent the analysis looks for: tag ecg.role=study, params archs and seeds."""
     from mlflow.entities import Param
 
-    from ecg_mlflow import names
+    from ecg_mlflow import schema
 
     run = client.create_run(
         experiment_id,
         run_name=f"study-k8s-{'-vs-'.join(archs)}",
-        tags={names.TAG_ROLE: names.ROLE_STUDY, "ecg.backend": "kubernetes"},
+        tags={schema.TAG_ROLE: schema.ROLE_STUDY, "ecg.backend": "kubernetes"},
     )
     params = {"archs": ",".join(archs), "seeds": seeds_spec(seeds), **shared}
     client.log_batch(run.info.run_id, params=[Param(name, value) for name, value in params.items()])
@@ -126,10 +126,10 @@ def tag_child(client, run_id: str, study_run_id: str) -> None:
     """Make a submitted run a train run of the study, nested under the parent in the UI."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    from ecg_mlflow import names
+    from ecg_mlflow import schema
 
-    client.set_tag(run_id, names.TAG_ROLE, names.ROLE_TRAIN)
-    client.set_tag(run_id, names.TAG_STUDY, study_run_id)
+    client.set_tag(run_id, schema.TAG_ROLE, schema.ROLE_TRAIN)
+    client.set_tag(run_id, schema.TAG_STUDY, study_run_id)
     client.set_tag(run_id, MLFLOW_PARENT_RUN_ID, study_run_id)
 
 
@@ -183,14 +183,14 @@ def submit(cells: list[GridCell], shared: dict[str, str], backend_config: Path, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ecg_mlflow import names
+    from ecg_mlflow import schema
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", required=True, help="comma-separated backbones")
     parser.add_argument("--seeds", required=True, help="e.g. 1-10 or 1,2,5")
     parser.add_argument("-P", dest="params", action="append", default=[], metavar="NAME=VALUE",
                         help="a parameter of infra/k8s main shared by every Job")
-    parser.add_argument("--experiment", default=names.DEFAULT_EXPERIMENT)
+    parser.add_argument("--experiment", default=schema.DEFAULT_EXPERIMENT)
     parser.add_argument("--backend-config", type=Path, default=DEFAULT_BACKEND_CONFIG)
     parser.add_argument("--cluster-tracking-uri", default=IN_CLUSTER_TRACKING_URI,
                         help="MLFLOW_TRACKING_URI inside the pods (default: from the Secret)")

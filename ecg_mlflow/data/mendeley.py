@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from ecg_mlflow.classes import UnknownClassFolder, class_for_folder
-from ecg_mlflow.dataset import DatasetError, is_stray
-from ecg_mlflow.hashing import sha256_hex
+from ecg_mlflow.data.classes import UnknownClassFolder, class_for_folder
+from ecg_mlflow.data.manifest import DatasetError, is_stray
+from ecg_mlflow.data.hashing import sha256_hex
 
 MENDELEY_URL = "https://data.mendeley.com/public-api/zip/gwbz3fsgp8/download/2"
 """Public download of "ECG Images dataset of Cardiac Patients", Mendeley Data v2

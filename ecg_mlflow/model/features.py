@@ -23,8 +23,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ecg_mlflow.backbones import get_spec, weights_identity
-from ecg_mlflow.preprocess import load_batch
+from ecg_mlflow.model.backbones import get_spec, weights_identity
+from ecg_mlflow.data.preprocess import load_batch
 
 FEATURE_BATCH_SIZE = 8
 _CHECKSUM_BYTES = 32
@@ -172,7 +172,7 @@ def extract_features(
             features[sha] = cached
     if missing:
         if build_extractor is None:
-            from ecg_mlflow.backbones import shared_feature_extractor
+            from ecg_mlflow.model.backbones import shared_feature_extractor
 
             extractor = shared_feature_extractor(key.arch, key.weights, key.height, key.width)
         else:
@@ -208,8 +208,18 @@ def _run_backbone(extractor, shas: Sequence[str], paths_by_sha, key: FeatureKey,
                 pending = pool.submit(decode, batches[index + 1])
             # Graph mode, as Keras' predict runs the logged model: eager calls round
             # differently (~1e-5 on EfficientNetV2-S at 512 x 1024).
-            out = np.asarray(extractor.predict_on_batch(pixels))
+            out = np.asarray(extractor.predict_on_batch(_pad_batch(pixels)))[: len(batch)]
             for sha, vector in zip(batch, out):
                 yield sha, vector
             bar.update(len(batch))
     bar.close()
+
+
+def _pad_batch(pixels: np.ndarray) -> np.ndarray:
+    """Pad a short last batch to FEATURE_BATCH_SIZE with blank images: the CPU kernels round
+    differently at different batch sizes (last bits, ~2e-7), so an image's features would
+    depend on how many others happened to be missing from the cache with it."""
+    short = FEATURE_BATCH_SIZE - len(pixels)
+    if short <= 0:
+        return pixels
+    return np.concatenate([pixels, np.zeros((short, *pixels.shape[1:]), pixels.dtype)])

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ecg_mlflow.classes import CLASSES
+from ecg_mlflow.data.classes import CLASSES
 
 PAPER_DENSE_UNITS: tuple[int, ...] = (1024, 512)
 PAPER_DROPOUT = 0.2

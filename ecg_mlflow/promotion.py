@@ -13,22 +13,22 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from analysis import schema
-from ecg_mlflow import names
+from ecg_mlflow import schema
+from ecg_mlflow.parsing import ConfigError, parse_bool
+from ecg_mlflow.tracking.search import (
+    LATEST, RunNotFound, filter_quote, find_experiment_id, find_run_of_role, latest_run_of_role, search_all_runs,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
     from mlflow.entities.model_registry import ModelVersion
 
-LATEST = "latest"
-TAG_SOURCE_RUN = "source_run_id"
-"""Version tag naming the train run whose Keras model the version serves (idempotence key)."""
 REGISTERED_MODEL_DESCRIPTION = (
     "ECG report image classifier (myocardial infarction, history of MI, abnormal heartbeat, "
     "normal). Input: DataFrame with a binary `image` column (JPEG/PNG bytes; base64 in JSON). "
     "Output per image: `label` and `prob_mi`, `prob_hmi`, `prob_ahb`, `prob_norm`. "
-    f"Alias `{names.CHAMPION_ALIAS}` is the promoted model, `{names.PREVIOUS_CHAMPION_ALIAS}` "
+    f"Alias `{schema.CHAMPION_ALIAS}` is the promoted model, `{schema.PREVIOUS_CHAMPION_ALIAS}` "
     "the one it replaced."
 )
 
@@ -69,7 +69,7 @@ class PromotionPlan:
 
     @property
     def val_metric(self) -> str:
-        return names.split_metric("val", self.metric)
+        return schema.split_metric("val", self.metric)
 
     @property
     def seed(self) -> str:
@@ -78,57 +78,42 @@ class PromotionPlan:
 
 def parse_metric(raw: str) -> str:
     metric = str(raw).strip()
-    if metric not in names.SUMMARY_METRICS:
-        raise PromotionError(f"metric must be one of {', '.join(names.SUMMARY_METRICS)}; got {raw!r}")
+    if metric not in schema.SUMMARY_METRICS:
+        raise ConfigError(f"metric must be one of {', '.join(schema.SUMMARY_METRICS)}; got {raw!r}")
     return metric
 
 
 def parse_force(raw: str | bool) -> bool:
-    """config.parse_bool, taking a bool as it is and an empty value as false."""
-    from ecg_mlflow.config import ConfigError, parse_bool
-
-    if isinstance(raw, bool):
-        return raw
+    """parse_bool, taking an empty value as false."""
     if not str(raw).strip():
         return False
-    try:
-        return parse_bool("force", raw)
-    except ConfigError as exc:
-        raise PromotionError(str(exc)) from None
+    return parse_bool("force", raw)
 
 
 def parse_model_name(raw: str) -> str:
     name = str(raw).strip()
     if not name or "/" in name or ":" in name or "@" in name:
-        raise PromotionError(f"model_name must be a plain registered model name (no / : @), got {raw!r}")
+        raise ConfigError(f"model_name must be a plain registered model name (no / : @), got {raw!r}")
     return name
 
 
 def find_analysis_run(client: MlflowClient, experiment: str, analysis_run: str = LATEST) -> Run:
     """The newest finished analysis run of `experiment`, or the run `analysis_run` (checked)."""
-    from analysis.gather import RunNotFound, StudyNotFound, find_experiment_id, find_run_of_role
-
     try:
         experiment_id = find_experiment_id(client, experiment)
-    except StudyNotFound as exc:
+    except RunNotFound as exc:
         raise PromotionError(f"experiment: {exc}") from None
     analysis_run = str(analysis_run).strip()
     if analysis_run == LATEST:
-        runs = client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`{names.TAG_ROLE}` = {names.filter_quote(names.ROLE_ANALYSIS)} "
-                          "and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if not runs:
+        run = latest_run_of_role(client, experiment_id, schema.ROLE_ANALYSIS, finished=True)
+        if run is None:
             raise PromotionError(
-                f"analysis_run: no finished analysis run (tag {names.TAG_ROLE}={names.ROLE_ANALYSIS}) "
+                f"analysis_run: no finished analysis run (tag {schema.TAG_ROLE}={schema.ROLE_ANALYSIS}) "
                 f"in experiment {experiment!r}; run `ecg-mlflow analyze` first"
             )
-        return runs[0]
+        return run
     try:
-        run = find_run_of_role(client, experiment_id, analysis_run, names.ROLE_ANALYSIS)
+        run = find_run_of_role(client, experiment_id, analysis_run, schema.ROLE_ANALYSIS)
     except RunNotFound as exc:
         raise PromotionError(f"analysis_run: {exc}") from None
     if run.info.status != "FINISHED":
@@ -171,20 +156,18 @@ def check_significance(run: Run, metric: str, force: bool) -> tuple[str, str, bo
 def select_source_run(client: MlflowClient, experiment_id: str, study_run_id: str, arch: str, metric: str) -> tuple[Run, int]:
     """The study's finished train run of `arch` with the best validation `metric` (ties:
     lower validation loss, then the earlier run); also how many runs competed."""
-    from analysis.gather import search_all_runs
-
-    val_key = names.split_metric("val", metric)
+    val_key = schema.split_metric("val", metric)
     filter_string = (
-        f"tags.`{names.TAG_ROLE}` = {names.filter_quote(names.ROLE_TRAIN)} and "
-        f"tags.`{names.TAG_STUDY}` = {names.filter_quote(study_run_id)} and "
-        f"params.arch = {names.filter_quote(arch)} and attributes.status = 'FINISHED'"
+        f"tags.`{schema.TAG_ROLE}` = {filter_quote(schema.ROLE_TRAIN)} and "
+        f"tags.`{schema.TAG_STUDY}` = {filter_quote(study_run_id)} and "
+        f"params.arch = {filter_quote(arch)} and attributes.status = 'FINISHED'"
     )
     runs = [r for r in search_all_runs(client, experiment_id, filter_string) if val_key in r.data.metrics]
     if not runs:
         raise PromotionError(
             f"study {study_run_id} has no finished train run of {arch} with metric {val_key!r}"
         )
-    val_loss = names.split_metric("val", "loss")
+    val_loss = schema.split_metric("val", "loss")
 
     def rank(run: Run):
         m = run.data.metrics
@@ -204,19 +187,19 @@ def existing_version(client: MlflowClient, model_name: str, source_run_id: str) 
     from mlflow.exceptions import MlflowException
 
     try:
-        versions = client.search_model_versions(f"name = {names.filter_quote(model_name)}")
+        versions = client.search_model_versions(f"name = {filter_quote(model_name)}")
     except MlflowException:
         return None
-    found = [v.version for v in versions if v.tags.get(TAG_SOURCE_RUN) == source_run_id]
+    found = [v.version for v in versions if v.tags.get(schema.TAG_SOURCE_RUN) == source_run_id]
     return str(min(found, key=int)) if found else None
 
 
 def plan_promotion(
     client: MlflowClient | None = None,
-    experiment: str = names.DEFAULT_EXPERIMENT,
+    experiment: str = schema.DEFAULT_EXPERIMENT,
     analysis_run: str = LATEST,
     metric: str = "accuracy",
-    model_name: str = names.DEFAULT_MODEL_NAME,
+    model_name: str = schema.DEFAULT_MODEL_NAME,
     force: bool | str = False,
 ) -> PromotionPlan:
     """Decide what to promote; PromotionRefused when the analysis does not support it."""
@@ -228,7 +211,7 @@ def plan_promotion(
     model_name = parse_model_name(model_name)
     run = find_analysis_run(client, experiment, analysis_run)
     winner, other, significant = check_significance(run, metric, force)
-    study = run.data.params.get(schema.PARAM_STUDY_RUN_ID) or run.data.tags.get(names.TAG_STUDY)
+    study = run.data.params.get(schema.PARAM_STUDY_RUN_ID) or run.data.tags.get(schema.TAG_STUDY)
     if not study:
         raise PromotionError(f"analysis run {run.info.run_id} names no study ({schema.PARAM_STUDY_RUN_ID})")
     source, n = select_source_run(client, run.info.experiment_id, study, winner, metric)
@@ -246,7 +229,7 @@ def plan_promotion(
 def version_tags(plan: PromotionPlan, promote_run_id: str) -> dict[str, str]:
     """Tags of the new version: provenance, backbone, preprocessing, p-values, test metrics."""
     tags = {
-        TAG_SOURCE_RUN: plan.source_run_id,
+        schema.TAG_SOURCE_RUN: plan.source_run_id,
         "analysis_run_id": plan.analysis_run_id,
         "study_run_id": plan.study_run_id,
         "promote_run_id": promote_run_id,
@@ -256,13 +239,13 @@ def version_tags(plan: PromotionPlan, promote_run_id: str) -> dict[str, str]:
         "significant": str(plan.significant).lower(),
         "forced": str(plan.forced).lower(),
     }
-    for key in ("image_height", "image_width", "crop", "weights", "split", names.PARAM_DATA_DIGEST):
+    for key in ("image_height", "image_width", "crop", "weights", "split", schema.PARAM_DATA_DIGEST):
         if key in plan.source_params:
             tags[key] = plan.source_params[key]
     tags.update({k: f"{v:.6g}" for k, v in sorted(plan.p_values.items())})
-    for metric in names.SUMMARY_METRICS + ("roc_auc_macro",):
-        for split in names.EVAL_SPLITS:
-            key = names.split_metric(split, metric)
+    for metric in schema.SUMMARY_METRICS + ("roc_auc_macro",):
+        for split in schema.EVAL_SPLITS:
+            key = schema.split_metric(split, metric)
             if key in plan.source_metrics:
                 tags[key] = f"{plan.source_metrics[key]:.6g}"
     return tags
@@ -272,8 +255,8 @@ def version_description(plan: PromotionPlan) -> str:
     """A few sentences a reader of the registry UI needs: what, why, how good."""
     m = plan.source_metrics
     test = ", ".join(
-        f"{metric} {m[names.split_metric('test', metric)]:.3f}"
-        for metric in names.SUMMARY_METRICS if names.split_metric("test", metric) in m
+        f"{metric} {m[schema.split_metric('test', metric)]:.3f}"
+        for metric in schema.SUMMARY_METRICS if schema.split_metric("test", metric) in m
     )
     p = plan.p_bonferroni
     p_text = f"Bonferroni-adjusted p = {p:.3g}" if p is not None else "no finite p-value"
@@ -321,12 +304,12 @@ def move_champion(client: MlflowClient, model_name: str, version: str) -> AliasM
     from mlflow.exceptions import MlflowException
 
     try:
-        current = client.get_model_version_by_alias(model_name, names.CHAMPION_ALIAS).version
+        current = client.get_model_version_by_alias(model_name, schema.CHAMPION_ALIAS).version
     except MlflowException:
         current = None
     if current is not None and str(current) == str(version):
         return AliasMove(None, False)
     if current is not None:
-        client.set_registered_model_alias(model_name, names.PREVIOUS_CHAMPION_ALIAS, str(current))
-    client.set_registered_model_alias(model_name, names.CHAMPION_ALIAS, str(version))
+        client.set_registered_model_alias(model_name, schema.PREVIOUS_CHAMPION_ALIAS, str(current))
+    client.set_registered_model_alias(model_name, schema.CHAMPION_ALIAS, str(version))
     return AliasMove(str(current) if current is not None else None, True)

@@ -4,7 +4,7 @@ The pages imitate the real reports of Mendeley gwbz3fsgp8 (2213 x 1572 at 200 dp
 printed header, a pink millimetre grid holding 3 x 4 leads of 2.5 s and a 10 s lead II
 rhythm strip, and a footer with the recording settings and the heart rate. The grid lies in
 the same fractional box as on the real pages, so `crop=grid` keeps the traces and drops the
-text. The traces come from `ecg_mlflow.beats`; `make demo` and the tests run on this data
+text. The traces come from `ecg_mlflow.synth.beats`; `make demo` and the tests run on this data
 offline.
 
 Every unique image is drawn from its own generator seeded by (seed, class, index), so a
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ecg_mlflow.beats import LEAD_INDEX, EcgRecord, synthesize_ecg
-from ecg_mlflow.classes import CLASSES, MENDELEY_FOLDERS
-from ecg_mlflow.preprocess import crop_box
+from ecg_mlflow.synth.beats import LEAD_INDEX, EcgRecord, synthesize_ecg
+from ecg_mlflow.data.classes import CLASSES, MENDELEY_FOLDERS
+from ecg_mlflow.data.preprocess import crop_box
 
 DEFAULT_WIDTH = 2213
 DEFAULT_HEIGHT = 1572

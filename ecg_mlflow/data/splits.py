@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ecg_mlflow.classes import CLASSES
-from ecg_mlflow.dataset import Manifest
-from ecg_mlflow.hashing import NEAR_DUPLICATE_DISTANCE, hamming, hash_matrix, near_pairs
-from ecg_mlflow.names import COL_RELPATH, COL_SHA256, SPLIT_POLICIES
+from ecg_mlflow.data.classes import CLASSES
+from ecg_mlflow.data.manifest import Manifest
+from ecg_mlflow.data.hashing import NEAR_DUPLICATE_DISTANCE, hamming, hash_matrix, near_pairs
+from ecg_mlflow.schema import COL_RELPATH, COL_SHA256, SPLIT_POLICIES
 
 TEST_SEED = 42
 SUBSETS: tuple[str, ...] = ("train", "val", "test")

@@ -12,8 +12,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ecg_mlflow import names
-from ecg_mlflow.classes import CLASSES
+from ecg_mlflow import schema
+from ecg_mlflow.data.classes import CLASSES
 
 _EPS = 1e-7
 
@@ -25,27 +25,27 @@ def evaluate(split: str, true_labels: Sequence[str], probabilities: np.ndarray) 
     y_true = np.array([CLASSES.index(label) for label in true_labels])
     y_pred = probabilities.argmax(axis=1)
     labels = list(range(len(CLASSES)))
-    metrics = {names.split_metric(split, "accuracy"): float(accuracy_score(y_true, y_pred))}
+    metrics = {schema.split_metric(split, "accuracy"): float(accuracy_score(y_true, y_pred))}
     precision, recall, f1, _ = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, average="macro", zero_division=0
     )
-    metrics[names.split_metric(split, "precision_macro")] = float(precision)
-    metrics[names.split_metric(split, "recall_macro")] = float(recall)
-    metrics[names.split_metric(split, "f1_macro")] = float(f1)
+    metrics[schema.split_metric(split, "precision_macro")] = float(precision)
+    metrics[schema.split_metric(split, "recall_macro")] = float(recall)
+    metrics[schema.split_metric(split, "f1_macro")] = float(f1)
     present = np.unique(y_true)
     if len(present) == len(CLASSES):
         auc = roc_auc_score(y_true, probabilities, multi_class="ovr", average="macro", labels=labels)
     else:  # AUC is undefined for a class that has no positive example
         auc = float("nan")
-    metrics[names.split_metric(split, "roc_auc_macro")] = float(auc)
+    metrics[schema.split_metric(split, "roc_auc_macro")] = float(auc)
     clipped = np.clip(probabilities[np.arange(len(y_true)), y_true], _EPS, 1.0)
-    metrics[names.split_metric(split, "loss")] = float(-np.log(clipped).mean())
+    metrics[schema.split_metric(split, "loss")] = float(-np.log(clipped).mean())
     per_class = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, average=None, zero_division=0
     )
-    for metric, values in zip(names.PER_CLASS_METRICS, per_class[:3]):
+    for metric, values in zip(schema.PER_CLASS_METRICS, per_class[:3]):
         for cls, value in zip(CLASSES, values):
-            metrics[names.class_metric(split, metric, cls)] = float(value)
+            metrics[schema.class_metric(split, metric, cls)] = float(value)
     return metrics
 
 
@@ -55,13 +55,13 @@ def predictions_frame(
     """test_predictions.csv: one row per image with its class probabilities."""
     frame = pd.DataFrame(
         {
-            names.COL_RELPATH: list(relpaths),
-            names.COL_SHA256: list(sha256s),
-            names.COL_TRUE: list(true_labels),
-            names.COL_PRED: [CLASSES[i] for i in probabilities.argmax(axis=1)],
+            schema.COL_RELPATH: list(relpaths),
+            schema.COL_SHA256: list(sha256s),
+            schema.COL_TRUE: list(true_labels),
+            schema.COL_PRED: [CLASSES[i] for i in probabilities.argmax(axis=1)],
         }
     )
-    for index, column in enumerate(names.PROB_COLUMNS):
+    for index, column in enumerate(schema.PROB_COLUMNS):
         frame[column] = probabilities[:, index].astype(float)
     return frame
 

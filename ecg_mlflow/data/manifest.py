@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ecg_mlflow.classes import CLASSES, UnknownClassFolder, class_for_folder
-from ecg_mlflow.hashing import dhash, near_pairs, sha256_hex
-from ecg_mlflow.preprocess import ImageDecodeError, open_image
+from ecg_mlflow.data.classes import CLASSES, UnknownClassFolder, class_for_folder
+from ecg_mlflow.data.hashing import dhash, near_pairs, sha256_hex
+from ecg_mlflow.data.preprocess import ImageDecodeError, open_image
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 IGNORED_NAMES: tuple[str, ...] = (".DS_Store", "Thumbs.db", "desktop.ini")

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from ecg_mlflow.preprocess import crop_box, to_rgb
+from ecg_mlflow.data.preprocess import crop_box, to_rgb
 
 WORK_SIZE: tuple[int, int] = (288, 204)
 INK_LEVEL: float = 200.0

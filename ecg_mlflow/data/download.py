@@ -13,9 +13,9 @@ from pathlib import Path
 
 import requests
 
-from ecg_mlflow.classes import CLASSES, UnknownClassFolder, class_for_folder
-from ecg_mlflow.dataset import DatasetError, is_image_name, is_stray
-from ecg_mlflow.mendeley import MENDELEY_URL, Verification, verify
+from ecg_mlflow.data.classes import CLASSES, UnknownClassFolder, class_for_folder
+from ecg_mlflow.data.manifest import DatasetError, is_image_name, is_stray
+from ecg_mlflow.data.mendeley import MENDELEY_URL, Verification, verify
 
 MAX_NESTING = 3
 _CHUNK = 1 << 20

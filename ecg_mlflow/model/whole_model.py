@@ -1,0 +1,41 @@
+"""The whole model (input scaling, frozen backbone, pooling, head), assembled after training
+and checked against the head on cached features before anything logs it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ecg_mlflow.config import TrainConfig
+
+EQUALITY_TOLERANCE = 1e-5
+
+
+def assemble_model(config: TrainConfig, head):
+    """The whole model, RGB 0..255 in, class probabilities out: input scaling, frozen
+    backbone, pooling (one feature extractor) and the trained head."""
+    import keras
+
+    from ecg_mlflow.model.backbones import shared_feature_extractor
+
+    extractor = shared_feature_extractor(config.arch, config.weights, config.image_height, config.image_width)
+    inputs = keras.Input(shape=(config.image_height, config.image_width, 3), name="image", dtype="float32")
+    outputs = head(extractor(inputs))
+    return keras.Model(inputs, outputs, name=f"ecg_{config.arch}")
+
+
+def check_model_matches_head(model, head, pixels: np.ndarray, features: np.ndarray) -> float:
+    """Max abs difference between the whole model on images and the head on cached
+    features; above EQUALITY_TOLERANCE the model would not be the one that was evaluated."""
+    whole = np.asarray(model.predict(pixels, verbose=0))
+    cached = np.asarray(head.predict(features, verbose=0))
+    diff = float(np.abs(whole - cached).max())
+    if diff > EQUALITY_TOLERANCE:
+        raise RuntimeError(
+            f"the assembled model disagrees with the trained head on cached features "
+            f"(max abs difference {diff:.2e} > {EQUALITY_TOLERANCE:.0e}); the feature cache "
+            "may be stale: clear it and rerun"
+        )
+    return diff

@@ -1,0 +1,1 @@
+"""Serving: the image pyfunc, its packaging, and the HTTP client of the serving contract."""

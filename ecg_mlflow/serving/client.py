@@ -1,0 +1,57 @@
+"""The client side of the serving contract: what `predict --url` and the benchmarks send."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Sequence
+
+import pandas as pd
+
+from ecg_mlflow.serving.pyfunc import IMAGE_COLUMN, OUTPUT_COLUMNS
+
+
+class ServingError(RuntimeError):
+    """The server refused a request or could not be reached; the message says which."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+def invocation_payload(images: Sequence[bytes]) -> str:
+    """The JSON body of `POST /invocations`: one record per image, bytes as base64."""
+    records = [{IMAGE_COLUMN: base64.b64encode(bytes(image)).decode("ascii")} for image in images]
+    return json.dumps({"dataframe_records": records})
+
+
+def invocations_url(url: str) -> str:
+    """`http://host:5001` -> `http://host:5001/invocations`; a full URL stays as it is."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"url must look like http://127.0.0.1:5001, got {url!r}")
+    return url if parts.path.strip("/") else url.rstrip("/") + "/invocations"
+
+
+def predict_over_http(url: str, images: Sequence[bytes], *, timeout: float = 300.0, session=None) -> pd.DataFrame:
+    """Send images to a served model and return its frame (label + prob_* per image)."""
+    import requests
+
+    http = session or requests
+    try:
+        response = http.post(invocations_url(url), data=invocation_payload(images),
+                             headers={"Content-Type": "application/json"}, timeout=timeout)
+    except requests.RequestException as exc:
+        raise ServingError(f"cannot reach the model server at {url}: {exc}") from None
+    if response.status_code != 200:
+        try:
+            message = response.json().get("message", response.text)
+        except ValueError:
+            message = response.text
+        # the scoring server prefixes "Failed to predict data '<the whole frame>'. Error: "
+        message = message.split("\nError: ", 1)[-1]
+        raise ServingError(f"server answered HTTP {response.status_code}: {message}", response.status_code)
+    predictions = response.json()["predictions"]
+    return pd.DataFrame(predictions, columns=list(OUTPUT_COLUMNS))

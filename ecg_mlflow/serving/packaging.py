@@ -1,0 +1,121 @@
+"""Packaging the served model: the pyfunc of serving/pyfunc.py around a train run's Keras
+model, with its preprocessing, signature, pinned requirements and a copy of exactly the
+modules serving imports (SERVED_MODULES), nothing of training, tuning or synthesis."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from ecg_mlflow import schema
+from ecg_mlflow.serving.pyfunc import IMAGE_COLUMN, KERAS_ARTIFACT, LABEL_COLUMN, Preprocessing
+
+SERVING_MODEL_NAME = "model"
+"""Name of the serving pyfunc inside the promote run (`runs:/<promote run>/model`)."""
+SERVING_EXTRA_REQUIREMENTS = ("pillow", "numpy", "pandas")
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+SERVED_MODULES: tuple[str, ...] = (
+    "__init__.py",
+    "schema.py",
+    "data/__init__.py",
+    "data/classes.py",
+    "data/preprocess.py",
+    "serving/__init__.py",
+    "serving/pyfunc.py",
+)
+"""What the served model imports, relative to the package: shipped with every version."""
+MODEL_SCRIPT = (
+    "from mlflow.models import set_model\n"
+    "from ecg_mlflow.serving.pyfunc import EcgImageClassifier\n"
+    "set_model(EcgImageClassifier())\n"
+)
+"""The models-from-code entry MLflow runs at load time (ecg_mlflow comes from code_paths)."""
+
+
+def preprocessing_of_run(params: dict[str, str], run_id: str) -> Preprocessing:
+    """Parse and validate the train run's params (the same parser as training)."""
+    from ecg_mlflow.config import ConfigError, parse_train_config
+
+    keys = ("arch", "image_height", "image_width", "crop")
+    missing = [k for k in keys if k not in params]
+    if missing:
+        raise ValueError(f"run {run_id} lacks the param(s) {', '.join(missing)}; is it a train run?")
+    try:
+        config = parse_train_config(**{k: params[k] for k in keys})
+    except ConfigError as exc:
+        raise ValueError(f"run {run_id} has unusable preprocessing params: {exc}") from None
+    return Preprocessing(config.arch, config.image_height, config.image_width, config.crop)
+
+
+def serving_signature():
+    """ColSpec binary `image` in; `label` string and four doubles out. `image` is declared
+    optional only so that a request without it reaches `predict` and gets a 400 naming it
+    (MLflow's own check for a missing required column answers 500)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", IMAGE_COLUMN, required=False)]),
+        outputs=Schema([ColSpec("string", LABEL_COLUMN)] + [ColSpec("double", c) for c in schema.PROB_COLUMNS]),
+    )
+
+
+def keras_file_of_run(run_id: str, dst: Path) -> Path:
+    """Download the Keras model a train run logged (`runs:/<id>/model`) and return its
+    `.keras` file, located through the model's MLmodel (keras flavor `data` folder)."""
+    import mlflow
+    from mlflow.models import Model
+
+    uri = f"runs:/{run_id}/{schema.MODEL_ARTIFACT}"
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+        flavor = Model.load(str(local)).flavors["keras"]
+    except Exception as exc:
+        raise ValueError(
+            f"run {run_id} has no usable logged Keras model at {uri} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else exc!r}); train it with log_model=true"
+        ) from None
+    found = sorted((local / flavor.get("data", "data")).glob("*.keras"))
+    if len(found) != 1:
+        raise ValueError(f"run {run_id}: expected one .keras file in the logged model, found {len(found)}")
+    return found[0]
+
+
+def _package_copy(dst: Path) -> Path:
+    """The modules serving imports (SERVED_MODULES), as a package to ship with the model."""
+    target = dst / "ecg_mlflow"
+    for module in SERVED_MODULES:
+        (target / module).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PACKAGE_DIR / module, target / module)
+    return target
+
+
+def log_serving_model(source_run_id: str, *, name: str = SERVING_MODEL_NAME):
+    """Log the serving pyfunc built from `source_run_id`'s Keras model into the ACTIVE run.
+
+    Returns the ModelInfo (its `model_uri` is what `promote` registers)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from ecg_mlflow.tracking.model_logging import keras_requirements
+
+    if mlflow.active_run() is None:
+        raise RuntimeError("log_serving_model needs an active MLflow run")
+    params = MlflowClient().get_run(source_run_id).data.params
+    prep = preprocessing_of_run(params, source_run_id)
+    with tempfile.TemporaryDirectory(prefix="ecg-serving-") as tmp:
+        keras_file = keras_file_of_run(source_run_id, Path(tmp) / "download")
+        code = _package_copy(Path(tmp) / "code")
+        script = Path(tmp) / "ecg_serving_model.py"
+        script.write_text(MODEL_SCRIPT)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(script),
+            artifacts={KERAS_ARTIFACT: str(keras_file)},
+            model_config=prep.to_config(),
+            code_paths=[str(code)],
+            signature=serving_signature(),
+            pip_requirements=keras_requirements(*SERVING_EXTRA_REQUIREMENTS),
+            tags={schema.TAG_SOURCE_RUN: source_run_id},
+        )

@@ -1,0 +1,1 @@
+"""Synthetic 12-lead reports in the Mendeley folder layout, for offline demos and tests."""

@@ -1,0 +1,74 @@
+"""Logging the whole model: signature, pinned requirements, and the check that it computes
+what was evaluated (see ecg_mlflow.model.whole_model)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ecg_mlflow import schema
+from ecg_mlflow.config import TrainConfig
+from ecg_mlflow.data.preprocess import load_batch
+from ecg_mlflow.model.whole_model import assemble_model, check_model_matches_head
+
+TENSORFLOW_DISTRIBUTIONS = ("tensorflow-cpu", "tensorflow", "tensorflow-intel", "tensorflow-macos")
+"""The names TensorFlow is installed under (CPU build, CUDA build, vendor builds): a model
+names the one that is installed, so it serves on a GPU machine and on a CPU one alike."""
+BACKEND_PACKAGES = {"jax": ("jax", "jaxlib"), "torch": ("torch",)}
+
+
+def model_signature(height: int, width: int):
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, height, width, 3), "image")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 4), "probabilities")]),
+    )
+
+
+def pinned_requirements(*packages: str) -> list[str]:
+    """`name==version` of installed packages, so MLflow skips slow requirement inference."""
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in packages]
+
+
+def installed_distribution(candidates) -> str:
+    """The first of `candidates` that is installed; which TensorFlow build is here."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in candidates:
+        try:
+            version(name)
+            return name
+        except PackageNotFoundError:
+            continue
+    raise RuntimeError(f"none of {', '.join(candidates)} is installed")
+
+
+def keras_requirements(*extra: str) -> list[str]:
+    """mlflow, keras and the backend that is installed and active (TensorFlow under
+    whichever distribution name, or JAX), plus `extra`, pinned to their installed versions."""
+    import keras
+
+    backend = keras.backend.backend()
+    packages = BACKEND_PACKAGES.get(backend) or (installed_distribution(TENSORFLOW_DISTRIBUTIONS),)
+    return pinned_requirements("mlflow", "keras", *packages, *extra)
+
+
+def log_whole_model(config: TrainConfig, head, image_paths, features, say) -> float:
+    """Assemble, check against the head on cached features, and log the whole model."""
+    import mlflow
+
+    model = assemble_model(config, head)
+    pixels = load_batch(image_paths, config.image_height, config.image_width, config.crop)
+    diff = check_model_matches_head(model, head, pixels, features)
+    mlflow.log_metric("model_max_abs_diff", diff)
+    say(f"whole model equals head on cached features (max abs diff {diff:.1e}); logging it")
+    mlflow.keras.log_model(
+        model,
+        name=schema.MODEL_ARTIFACT,
+        signature=model_signature(config.image_height, config.image_width),
+        pip_requirements=keras_requirements(),
+    )
+    return diff
