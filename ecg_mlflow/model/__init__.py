@@ -1,0 +1,1 @@
+"""Model building blocks: backbones and their weights."""
