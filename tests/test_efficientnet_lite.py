@@ -84,6 +84,14 @@ def test_features_are_deterministic_across_builds(lite0, pixels):
     assert first.shape == (2, 1280) and not np.allclose(first[0], first[1], rtol=1e-3, atol=0)
 
 
+def test_random_backbone_is_seeded():
+    first = build_feature_extractor("efficientnetlite2", "none", *SMALL).get_weights()
+    second = build_feature_extractor("efficientnetlite2", "none", 96, 96).get_weights()
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_checkpoint_of_another_variant_fails_naming_the_first_tensor():
     # Lite1's fourth block is a repeat of stage 2 (3x3 depthwise); Lite0's starts stage 3 (5x5).
     with pytest.raises(BackboneError) as info:
