@@ -60,6 +60,12 @@ def test_torch_and_tf_scaling_match_keras(pixels):
         np.testing.assert_allclose(image @ kernel + bias, reference(image.copy()), atol=1e-4)
 
 
+def test_lite_scaling_is_the_tf_lite_mean_and_std(pixels):
+    image = pixels[:1, :4, :4]
+    kernel, bias = scaling_matrix("lite")
+    np.testing.assert_allclose(image @ kernel + bias, (image - 127.0) / 128.0, atol=1e-6)
+
+
 def test_weights_file_round_trip_and_mismatch(tmp_path, pixels):
     model = build_feature_extractor("vgg16", "none", *SMALL)
     backbone = model.get_layer("vgg16")
@@ -78,6 +84,7 @@ def test_imagenet_download_failure_names_the_alternatives():
         build_feature_extractor("vgg16", "imagenet", *SMALL)
     message = str(info.value)
     assert "weights=none" in message and "weights=/path/to/file" in message
+    assert "efficientnetlite0/efficientnetlite1/efficientnetlite2 with weights=imagenet" in message
 
 
 def test_unknown_backbone_and_too_small_image_are_refused():

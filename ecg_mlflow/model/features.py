@@ -55,7 +55,7 @@ class FeatureKey:
 
         return {
             "arch": self.arch,
-            "weights": weights_identity(self.weights),
+            "weights": weights_identity(self.weights, self.arch),
             "height": self.height,
             "width": self.width,
             "crop": self.crop,

@@ -106,7 +106,7 @@ def study_signature(config: TuneConfig, data_digest: str) -> dict[str, object]:
 
     train = config.train
     return {
-        "arch": train.arch, "weights": weights_identity(train.weights),
+        "arch": train.arch, "weights": weights_identity(train.weights, train.arch),
         "image_height": train.image_height, "image_width": train.image_width,
         "split": train.split, "crop": train.crop, "max_epochs": train.max_epochs,
         "patience": train.patience, "seeds": list(config.seeds), "data_digest": data_digest,
