@@ -68,16 +68,17 @@ def tracked(experiment: str):
     """The latest study of the experiment, its train runs and its (newest) analysis run."""
     from mlflow import MlflowClient
 
-    from analysis.gather import LATEST, find_experiment_id, find_study_run, search_all_runs
+    from analysis.gather import find_study_run
     from ecg_mlflow import schema
+    from ecg_mlflow.tracking.search import LATEST, filter_quote, find_experiment_id, search_all_runs
 
     client = MlflowClient()
     experiment_id = find_experiment_id(client, experiment)
     parent = find_study_run(client, experiment_id, LATEST)
 
     def of_study(role: str) -> list:
-        return search_all_runs(client, experiment_id, f"tags.`{schema.TAG_ROLE}` = {schema.filter_quote(role)} and "
-                                                      f"tags.`{schema.TAG_STUDY}` = {schema.filter_quote(parent.info.run_id)}")
+        return search_all_runs(client, experiment_id, f"tags.`{schema.TAG_ROLE}` = {filter_quote(role)} and "
+                                                      f"tags.`{schema.TAG_STUDY}` = {filter_quote(parent.info.run_id)}")
 
     analysis = max(of_study(schema.ROLE_ANALYSIS), key=lambda run: run.info.start_time)
     return parent, of_study(schema.ROLE_TRAIN), analysis
