@@ -1,0 +1,1 @@
+"""Datasets: class folders, manifests, content hashes, near duplicates, splits."""
