@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ecg_mlflow import head
 from ecg_mlflow.backbones import BACKBONES, check_image_size, BackboneError
+from ecg_mlflow.model.cache_store import S3_SCHEME, CacheStoreError, split_s3_url
 from ecg_mlflow.preprocess import CROPS
 from ecg_mlflow.names import SPLIT_POLICIES
 
@@ -154,6 +155,24 @@ def parse_weights(raw) -> str:
     return str(Path(value).resolve())
 
 
+S3_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def parse_cache_dir(raw) -> str:
+    """A folder, or `s3://bucket/prefix` for a cache shared by many machines; "" = default."""
+    value = str(raw).strip()
+    if value.startswith(S3_SCHEME):
+        try:
+            bucket, _ = split_s3_url(value)
+        except CacheStoreError as exc:
+            raise ConfigError(str(exc)) from None
+        if not S3_BUCKET_NAME.fullmatch(bucket):
+            raise ConfigError(f"cache_dir: {bucket!r} is no S3 bucket name (3-63 of a-z, 0-9, '.', '-'); got {value!r}")
+    elif "://" in value:
+        raise ConfigError(f"cache_dir must be a folder or an s3://bucket/prefix URL; got {value!r}")
+    return value
+
+
 def parse_train_config(**raw) -> TrainConfig:
     """Build a TrainConfig from raw (string or typed) values; absent keys take defaults."""
     unknown = set(raw) - set(TrainConfig.__dataclass_fields__)
@@ -191,7 +210,7 @@ def parse_train_config(**raw) -> TrainConfig:
     if "dropout" in values:
         parsed["dropout"] = _float("dropout", values["dropout"], 0.0, 1.0, low_open=False)
     if "cache_dir" in values:
-        parsed["cache_dir"] = str(values["cache_dir"])
+        parsed["cache_dir"] = parse_cache_dir(values["cache_dir"])
     if "head_config" in values:  # "none" spells "no head config" where empty values cannot travel
         value = str(values["head_config"]).strip()
         parsed["head_config"] = "" if value.lower() == "none" else value

@@ -1,0 +1,1 @@
+"""Models: backbones, the feature cache and its stores, the head, the whole model."""
