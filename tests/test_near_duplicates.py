@@ -59,9 +59,12 @@ def test_equals_the_all_pairs_search_on_random_hashes_at_any_threshold(seed, thr
     assert near_pairs(hashes, threshold) == _reference_near_pairs(hashes, threshold)
 
 
-def test_giant_buckets_and_small_batches_give_the_same_pairs(monkeypatch):
+@pytest.mark.parametrize("candidate_cost", [0, 10**9])
+def test_giant_buckets_and_small_batches_give_the_same_pairs(monkeypatch, candidate_cost):
     """Hashes that are nearly all zeros share most block values: buckets past LARGE_BUCKET go
-    through the dense comparison, the rest through batched verification."""
+    through the dense comparison, the rest through batched verification (candidate cost 0
+    keeps the index whatever it proposes; a huge cost switches to the all-pairs comparison)."""
+    monkeypatch.setattr(near_duplicates, "CANDIDATE_COST", candidate_cost)
     monkeypatch.setattr(near_duplicates, "LARGE_BUCKET", 8)
     monkeypatch.setattr(near_duplicates, "VERIFY_BATCH", 50)
     monkeypatch.setattr(near_duplicates, "DENSE_CELLS", 64)

@@ -16,8 +16,11 @@ candidates are verified VERIFY_BATCH at a time, so memory stays bounded whatever
 
 Cost: on spread hashes (random 1024-bit ones) a 16-bit block matches by chance for one pair in
 65,536, so candidates stay near 65 n^2 / 2^17. Hashes of one document layout agree far more
-often: 52% of the distinct real pairs share some block. There the search stays exact and
-bounded in memory but does close to the all-pairs work (docs/benchmarks.md, "Scaling").
+often: 52% of the distinct real pairs share some block, and hashes drawn with the real bits'
+shares of ones give 0.7 candidates per pair. Verifying a candidate costs about CANDIDATE_COST
+distances of the all-pairs comparison (gathers against streaming), so where the buckets promise
+more candidates than that pays for, the search compares all pairs instead, in row chunks:
+still exact and bounded in memory, but quadratic in time (docs/benchmarks.md, "Scaling").
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ DENSE_CELLS = 1 << 22
 """Distances computed at once in a dense comparison: 32 MiB of uint64 temporaries."""
 MIN_BLOCK_BITS = 8
 """Blocks narrower than this match too often to prune anything: search densely instead."""
+CANDIDATE_COST = 4
+"""Seconds to verify one candidate pair / seconds per distance of the dense comparison
+(measured: 440 ns against 110 ns per pair on 1024-bit hashes, 2 shared cores)."""
 
 
 def near_pairs_packed(matrix: np.ndarray, threshold: int) -> list[tuple[int, int]]:
@@ -44,10 +50,11 @@ def near_pairs_packed(matrix: np.ndarray, threshold: int) -> list[tuple[int, int
         return []
     words = pack_words(matrix)
     n_blocks = threshold + 1
-    if matrix.shape[1] * 8 < MIN_BLOCK_BITS * n_blocks:
+    buckets = [] if matrix.shape[1] * 8 < MIN_BLOCK_BITS * n_blocks else index_blocks(matrix, n_blocks)
+    if not buckets or candidate_count(buckets) * CANDIDATE_COST > n * (n - 1) // 2:
         codes = [dense_pair_codes(words, np.arange(n), threshold)]
     else:
-        codes = list(indexed_pair_codes(matrix, words, n_blocks, threshold))
+        codes = list(verified_pair_codes(words, buckets, threshold))
     found = np.unique(np.concatenate(codes)) if codes else np.zeros(0, dtype=np.int64)
     i, j = np.divmod(found, n)
     return list(zip(i.tolist(), j.tolist()))
@@ -93,12 +100,21 @@ def bucket_runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return order, starts[shared], sizes[shared]
 
 
-def indexed_pair_codes(matrix: np.ndarray, words: np.ndarray, n_blocks: int, threshold: int) -> Iterator[np.ndarray]:
-    """Codes i * n + j of verified pairs, block by block (a pair may come from several blocks)."""
-    n = len(matrix)
+def index_blocks(matrix: np.ndarray, n_blocks: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The buckets of every block: rows sorted by block value, start and size of shared runs."""
     bits = np.unpackbits(matrix, axis=1)
-    for columns in plan_blocks(bits, n_blocks):
-        order, starts, sizes = bucket_runs(block_keys(bits, columns))
+    return [bucket_runs(block_keys(bits, columns)) for columns in plan_blocks(bits, n_blocks)]
+
+
+def candidate_count(buckets: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> int:
+    """Pairs the buckets propose, repeats across blocks included: the verification work."""
+    return sum(int(np.sum(sizes * (sizes - 1) // 2)) for _, _, sizes in buckets)
+
+
+def verified_pair_codes(words: np.ndarray, buckets, threshold: int) -> Iterator[np.ndarray]:
+    """Codes i * n + j of verified pairs, block by block (a pair may come from several blocks)."""
+    n = words.shape[1]
+    for order, starts, sizes in buckets:
         large = sizes > LARGE_BUCKET
         for start, size in zip(starts[large], sizes[large]):
             yield dense_pair_codes(words, order[start : start + size], threshold)
