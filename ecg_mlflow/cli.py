@@ -34,3 +34,5 @@ from ecg_mlflow.commands.promote import promote  # noqa: E402
 main.add_command(promote)
 from ecg_mlflow.commands.predict import predict  # noqa: E402
 main.add_command(predict)
+from ecg_mlflow.commands.features import features  # noqa: E402
+main.add_command(features)

@@ -173,6 +173,17 @@ def parse_cache_dir(raw) -> str:
     return value
 
 
+def parse_shard(raw, *, name: str = "shard") -> tuple[int, int]:
+    """'1/4' -> (1, 4): shard I of N, 0 <= I < N, as `features --shard` and its Jobs take it."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(raw))
+    if not match:
+        raise ConfigError(f"{name} must look like I/N, e.g. 0/4; got {raw!r}")
+    index, count = int(match[1]), int(match[2])
+    if count < 1 or index >= count:
+        raise ConfigError(f"{name} {raw!r}: I/N needs N >= 1 and 0 <= I < N (shards are numbered 0 to N-1)")
+    return index, count
+
+
 def parse_train_config(**raw) -> TrainConfig:
     """Build a TrainConfig from raw (string or typed) values; absent keys take defaults."""
     unknown = set(raw) - set(TrainConfig.__dataclass_fields__)

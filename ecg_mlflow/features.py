@@ -133,6 +133,18 @@ class FeatureCache:
         self.backend.write(self.entry_name(sha256), body + hashlib.sha256(body).digest())
 
 
+def shard_of(sha256: str, count: int) -> int:
+    """The shard (0..count-1) of an image content: stable across runs, machines and data
+    folders, and even in size, since SHA-256 values are uniform."""
+    return int(sha256[:16], 16) % count
+
+
+def select_shard(paths_by_sha: dict[str, Path], index: int, count: int) -> dict[str, Path]:
+    """The contents of shard `index` of `count`: N processes with shards 0..N-1 together
+    cover every content exactly once."""
+    return {sha: path for sha, path in paths_by_sha.items() if shard_of(sha, count) == index}
+
+
 def extract_features(
     paths_by_sha: dict[str, Path],
     key: FeatureKey,
