@@ -30,6 +30,8 @@ from ecg_mlflow.preprocess import load_batch
 FEATURE_BATCH_SIZE = 8
 _CHECKSUM_BYTES = 32
 KEY_FILE = "key.json"
+LOAD_CHUNK = 1024
+"""Entries read at once: enough to keep S3 busy, few enough that raw bytes stay small."""
 CACHE_ENV = "ECG_MLFLOW_CACHE_DIR"
 
 
@@ -113,9 +115,10 @@ class FeatureCache:
         """The cached features, or None if absent or damaged."""
         return self.decode(self.backend.read(self.entry_name(sha256)))
 
-    def load_many(self, shas: Sequence[str]) -> list[np.ndarray | None]:
-        """`load` of each, fetched concurrently where the store is remote."""
-        return [self.decode(blob) for blob in self.backend.read_many([self.entry_name(s) for s in shas])]
+    def read_entries(self, shas: Sequence[str]) -> list[bytes | None]:
+        """The raw entries (None where absent), fetched concurrently where the store is remote;
+        `decode` tells a sound entry from a damaged one."""
+        return self.backend.read_many([self.entry_name(s) for s in shas])
 
     def decode(self, blob: bytes | None) -> np.ndarray | None:
         """Features from an entry's bytes; None unless length and checksum are right."""
@@ -164,12 +167,15 @@ def extract_features(
     missing: list[str] = []
     damaged = 0
     shas = sorted(paths_by_sha)
-    for sha, cached in zip(shas, cache.load_many(shas)):
-        if cached is None:
-            damaged += cache.has_entry(sha)
-            missing.append(sha)
-        else:
-            features[sha] = cached
+    for first in range(0, len(shas), LOAD_CHUNK):
+        chunk = shas[first : first + LOAD_CHUNK]
+        for sha, blob in zip(chunk, cache.read_entries(chunk)):
+            cached = cache.decode(blob)
+            if cached is None:
+                damaged += blob is not None
+                missing.append(sha)
+            else:
+                features[sha] = cached
     if missing:
         if build_extractor is None:
             from ecg_mlflow.backbones import shared_feature_extractor

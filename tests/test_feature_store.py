@@ -12,6 +12,7 @@ from ecg_mlflow.backbones import get_spec
 from ecg_mlflow.config import ConfigError, parse_train_config
 from ecg_mlflow.features import FeatureCache, FeatureKey, extract_features
 from ecg_mlflow.hashing import sha256_hex
+from ecg_mlflow.model import cache_store
 from ecg_mlflow.model.cache_store import CacheStoreError
 
 KEY = FeatureKey("vgg16", "none", 32, 32, "none")
@@ -130,3 +131,10 @@ def test_cache_dir_accepts_folders_and_s3_urls_only():
                          ("gs://bucket/x", "folder or an s3://bucket/prefix URL")):
         with pytest.raises(ConfigError, match=message):
             parse_train_config(cache_dir=bad)
+
+
+def test_an_unreachable_endpoint_fails_with_one_line_naming_it(s3_env, monkeypatch):
+    monkeypatch.setattr(cache_store, "S3_ATTEMPTS", 1)
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: refused
+    with pytest.raises(CacheStoreError, match=r"cannot reach S3 at http://127.0.0.1:9 .*MLFLOW_S3_ENDPOINT_URL"):
+        cache_store.open_store(f"s3://{s3_env.bucket}/x", "vgg16")

@@ -29,6 +29,8 @@ ENDPOINT_ENVS: tuple[str, ...] = ("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
 STALE_TMP_SECONDS = 3600
 S3_READ_THREADS = 16
 """Objects fetched at once when many are read: S3 latency, not bandwidth, bounds a read."""
+S3_ATTEMPTS = 5
+"""Tries per request (boto3's standard retry mode, with backoff) before a store error."""
 
 
 class CacheStoreError(RuntimeError):
@@ -122,18 +124,22 @@ class S3Store:
         except BotoCoreError as exc:
             raise CacheStoreError(
                 f"cache_dir {self.location}: cannot reach S3 at {endpoint_url() or 'AWS'} ({exc}); "
-                f"set {ENDPOINT_ENVS[0]} to the S3 endpoint"
+                f"check {ENDPOINT_ENVS[0]} and the AWS credentials"
             ) from None
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
 
     def read(self, name: str) -> bytes | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
         try:
             reply = self.client.get_object(Bucket=self.bucket, Key=self.key(name))
+            return reply["Body"].read()
         except self.client.exceptions.NoSuchKey:
             return None
-        return reply["Body"].read()
+        except (BotoCoreError, ClientError) as exc:
+            raise self.failure("reading", name, exc) from None
 
     def read_many(self, names: Sequence[str]) -> list[bytes | None]:
         if len(names) < 2:
@@ -142,7 +148,16 @@ class S3Store:
             return list(pool.map(self.read, names))
 
     def write(self, name: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=data)
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=data)
+        except (BotoCoreError, ClientError) as exc:
+            raise self.failure("writing", name, exc) from None
+
+    def failure(self, doing: str, name: str, exc: Exception) -> CacheStoreError:
+        """One line for an S3 error that outlasted boto3's retries; what was written stays valid."""
+        return CacheStoreError(f"cache_dir {self.location}: {doing} {name} failed after retries ({exc}); rerun to resume")
 
     def exists(self, name: str) -> bool:
         from botocore.exceptions import ClientError
@@ -152,7 +167,7 @@ class S3Store:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
-            raise
+            raise self.failure("checking", name, exc) from None
         return True
 
 
@@ -173,7 +188,7 @@ def make_s3_client():
     return boto3.client(
         "s3",
         endpoint_url=endpoint_url(),
-        config=Config(max_pool_connections=S3_READ_THREADS, retries={"max_attempts": 5, "mode": "standard"}),
+        config=Config(max_pool_connections=S3_READ_THREADS, retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"}),
     )
 
 
