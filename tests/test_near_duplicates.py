@@ -77,7 +77,7 @@ def test_giant_buckets_and_small_batches_give_the_same_pairs(monkeypatch, candid
 def test_blocks_partition_the_bits_and_spread_the_shared_ones():
     bits = np.zeros((50, HASH_BITS), dtype=np.uint8)
     bits[:, ::2] = np.random.default_rng(0).integers(0, 2, (50, HASH_BITS // 2))  # odd bits constant
-    blocks = near_duplicates.plan_blocks(bits, NEAR_DUPLICATE_DISTANCE + 1)
+    blocks = near_duplicates.plan_blocks(bits.mean(axis=0), NEAR_DUPLICATE_DISTANCE + 1)
     assert len(blocks) == NEAR_DUPLICATE_DISTANCE + 1
     assert sorted(np.concatenate(blocks).tolist()) == list(range(HASH_BITS))
     assert {len(b) for b in blocks} <= {15, 16}

@@ -69,24 +69,24 @@ def pack_words(matrix: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.view(np.uint64).T)
 
 
-def plan_blocks(bits: np.ndarray, n_blocks: int) -> list[np.ndarray]:
-    """Bit indices of each block: bits sorted by how often pairs differ on them, dealt in snake
-    order, so that no block is made of bits that (nearly) every hash shares."""
-    share = bits.mean(axis=0, dtype=np.float64)
-    order = np.argsort(-(share * (1.0 - share)), kind="stable")
+def plan_blocks(shares: np.ndarray, n_blocks: int) -> list[np.ndarray]:
+    """Bit indices of each block, given each bit's share of ones: bits sorted by how often
+    pairs differ on them, dealt in snake order, so no block is made of bits every hash shares."""
+    order = np.argsort(-(shares * (1.0 - shares)), kind="stable")
     rounds, column = np.divmod(np.arange(len(order)), n_blocks)
     block_of = np.where(rounds % 2 == 0, column, n_blocks - 1 - column)
     return [np.sort(order[block_of == b]) for b in range(n_blocks)]
 
 
-def block_keys(bits: np.ndarray, columns: np.ndarray) -> np.ndarray:
-    """One sortable key per row: the value of the block made of `columns`."""
-    packed = np.packbits(bits[:, columns], axis=1)
+def block_keys(bit_rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """One sortable key per hash: the value of the block made of bits `columns`, read from the
+    bit-major (bits, n) array so that a block's bits are contiguous rows."""
+    packed = np.ascontiguousarray(np.packbits(bit_rows[columns], axis=0).T)
     if packed.shape[1] <= 8:
         wide = np.zeros((len(packed), 8), dtype=np.uint8)
         wide[:, : packed.shape[1]] = packed
         return wide.view(np.uint64).ravel()
-    rows = np.ascontiguousarray(packed).view(np.dtype((np.void, packed.shape[1]))).ravel()
+    rows = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
     return np.unique(rows, return_inverse=True)[1].ravel()
 
 
@@ -102,8 +102,9 @@ def bucket_runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def index_blocks(matrix: np.ndarray, n_blocks: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The buckets of every block: rows sorted by block value, start and size of shared runs."""
-    bits = np.unpackbits(matrix, axis=1)
-    return [bucket_runs(block_keys(bits, columns)) for columns in plan_blocks(bits, n_blocks)]
+    bit_rows = np.ascontiguousarray(np.unpackbits(matrix, axis=1).T)
+    shares = bit_rows.mean(axis=1, dtype=np.float64)
+    return [bucket_runs(block_keys(bit_rows, columns)) for columns in plan_blocks(shares, n_blocks)]
 
 
 def candidate_count(buckets: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> int:
