@@ -307,7 +307,7 @@ def write_report(rows: list[dict], sizes: list[int], old_max: int) -> str:
     new_s, new_mib = seconds_at(rows, "near duplicates, new, spread", big), peak_at(rows, "near duplicates, new, spread", big)
     old_max = max(r["n"] for r in rows if r["stage"].startswith("near duplicates, old"))
     old_s, old_mib = seconds_at(rows, "near duplicates, old", old_max), peak_at(rows, "near duplicates, old", old_max)
-    layout = [r for r in rows if r["stage"].endswith("layout-like hashes")]
+    layout = [r for r in rows if r["stage"].endswith("layout-like hashes") and r["how"] == "measured"]
     manifest_min = seconds_at(rows, "manifest", big) / 60
     head_n = max(r["n"] for r in rows if r["stage"].startswith("head") and r["how"] == "measured")
     head_s, head_mib = seconds_at(rows, "head", big), peak_at(rows, "head", head_n)
