@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from ecg_mlflow.model import head
 from ecg_mlflow.model.backbones import BACKBONES, check_image_size, BackboneError
+from ecg_mlflow.model.cache_store import S3_SCHEME, CacheStoreError, split_s3_url
 from ecg_mlflow.data.preprocess import CROPS
 from ecg_mlflow.parsing import (  # noqa: F401 (ConfigError and the parsers are the config's API)
     ConfigError, parse_bool, parse_choice, parse_dense_units, parse_float, parse_int, parse_seeds,
@@ -84,6 +86,35 @@ def parse_weights(raw) -> str:
     return str(Path(value).resolve())
 
 
+S3_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def parse_cache_dir(raw) -> str:
+    """A folder, or `s3://bucket/prefix` for a cache shared by many machines; "" = default."""
+    value = str(raw).strip()
+    if value.startswith(S3_SCHEME):
+        try:
+            bucket, _ = split_s3_url(value)
+        except CacheStoreError as exc:
+            raise ConfigError(str(exc)) from None
+        if not S3_BUCKET_NAME.fullmatch(bucket):
+            raise ConfigError(f"cache_dir: {bucket!r} is no S3 bucket name (3-63 of a-z, 0-9, '.', '-'); got {value!r}")
+    elif "://" in value:
+        raise ConfigError(f"cache_dir must be a folder or an s3://bucket/prefix URL; got {value!r}")
+    return value
+
+
+def parse_shard(raw, *, name: str = "shard") -> tuple[int, int]:
+    """'1/4' -> (1, 4): shard I of N, 0 <= I < N, as `features --shard` and its Jobs take it."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(raw))
+    if not match:
+        raise ConfigError(f"{name} must look like I/N, e.g. 0/4; got {raw!r}")
+    index, count = int(match[1]), int(match[2])
+    if count < 1 or index >= count:
+        raise ConfigError(f"{name} {raw!r}: I/N needs N >= 1 and 0 <= I < N (shards are numbered 0 to N-1)")
+    return index, count
+
+
 def parse_head_config(raw) -> str:
     """A best_head.json path or artifact URI; "none" spells "no head config" where empty
     values cannot travel (MLflow parameters)."""
@@ -106,7 +137,7 @@ FIELD_PARSERS: dict[str, Callable[[object], object]] = {
     "patience": lambda v: parse_int("patience", v, minimum=0),
     "dense_units": parse_dense_units,
     "dropout": lambda v: parse_float("dropout", v, 0.0, 1.0, low_open=False),
-    "cache_dir": str,
+    "cache_dir": parse_cache_dir,
     "head_config": parse_head_config,
     "log_model": lambda v: parse_bool("log_model", v),
 }

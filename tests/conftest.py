@@ -69,4 +69,4 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     mlflow.set_tracking_uri(None)
 
 
-from infra_fixtures import private_team_server, team_server  # noqa: E402,F401  (PostgreSQL + S3 + MLflow server)
+from infra_fixtures import private_team_server, s3_server, team_server  # noqa: E402,F401  (PostgreSQL + S3 + MLflow server; S3 alone)

@@ -32,6 +32,16 @@ LOOPBACK_HEX = "0100007F"  # 127.0.0.1 as /proc/net/tcp writes it
 S3_DUMMY_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
 
+def s3_client(endpoint: str):
+    """A boto3 S3 client for a moto server (dummy credentials)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **{
+        "aws_access_key_id": S3_DUMMY_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": S3_DUMMY_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    })
+
+
 def require_infra() -> None:
     """Skip (or, with ECG_MLFLOW_REQUIRE_INFRA=1, fail) where PostgreSQL 15 is missing."""
     if INITDB.exists():
@@ -102,12 +112,7 @@ class TeamServer:
 
     def s3(self):
         """A boto3 S3 client for the test server (dummy credentials)."""
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.s3_endpoint, region_name="us-east-1", **{
-            "aws_access_key_id": S3_DUMMY_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-            "aws_secret_access_key": S3_DUMMY_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-        })
+        return s3_client(self.s3_endpoint)
 
     def run_script(self, name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         """Run `infra/local/<name>` against this server's state folder; raise with its stderr."""
@@ -176,3 +181,57 @@ def private_team_server():
         yield server
     finally:
         server.down()
+
+
+@dataclass
+class S3Server:
+    """A moto S3 server alone (no PostgreSQL, no MLflow) and its bucket."""
+
+    endpoint: str
+    bucket: str = "ecg-mlflow"
+
+    def env(self) -> dict[str, str]:
+        """What a client process needs to reach it, as MLflow's S3 clients read it."""
+        return {"MLFLOW_S3_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1", **S3_DUMMY_CREDENTIALS}
+
+    def client(self):
+        return s3_client(self.endpoint)
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3 server on a free loopback port for one module (objects live in its memory,
+    so no other module sees them); skipped where moto is not installed."""
+    import shutil
+    import socket
+    import sys
+    import time
+    import urllib.request
+
+    executable = Path(sys.executable).with_name("moto_server")
+    if not executable.exists():
+        found = shutil.which("moto_server")
+        if found is None:
+            pytest.skip("moto_server not installed (pip install -e .[test])")
+        executable = Path(found)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([str(executable), "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = S3Server(f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{server.endpoint}/moto-api/", timeout=2).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server on port {port} did not start (exit {process.poll()})")
+                time.sleep(0.2)
+        server.client().create_bucket(Bucket=server.bucket)
+        yield server
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -435,3 +435,88 @@ def test_install_system_deps_check_agrees_with_dpkg():
         assert result.stdout.strip() == f"system deps missing: {' '.join(missing)}"
     else:
         assert result.returncode == 0 and "all present" in result.stdout
+
+
+# --- the sharded feature pass --------------------------------------------------------------
+
+
+@pytest.fixture()
+def submit_features():
+    return load_module(K8S / "submit_features.py", "submit_features")
+
+
+def pod_command(job: dict, index: int) -> list[str]:
+    """The command one pod runs: Kubernetes expands $(SHARD_INDEX) from the container's env."""
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    return [word.replace("$(SHARD_INDEX)", str(index)) for word in container["command"]]
+
+
+def test_features_job_is_an_indexed_job_whose_pods_cover_every_shard_once(submit_features):
+    from ecg_mlflow.commands.features import features
+    from ecg_mlflow.config import parse_shard
+
+    params = submit_features.parse_params(["weights=none", "cache_dir=s3://ecg-mlflow/features"], "resnet50")
+    job = submit_features.render_job("resnet50", 4, 3, params, "registry.example.org/ecg:1")
+    assert (job["apiVersion"], job["kind"]) == ("batch/v1", "Job")
+    assert DNS_LABEL.match(job["metadata"]["name"]) and len(job["metadata"]["name"]) <= 63
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 4, 3)
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    container = pod["containers"][0]
+    assert container["image"] == "registry.example.org/ecg:1"
+    env = [e["name"] for e in container["env"]]
+    by_name = {e["name"]: e for e in container["env"]}
+    assert by_name["SHARD_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']")
+    assert env.count("SHARD_INDEX") == 1
+    for name in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert by_name[name]["valueFrom"]["secretKeyRef"]["optional"] is True  # a PVC cache needs none
+    shards = []
+    for index in range(4):
+        words = pod_command(job, index)
+        assert words[:4] == ["python", "-m", "ecg_mlflow", "features"]
+        parsed = features.make_context("features", words[4:]).params  # the real command's parser
+        shards.append(parse_shard(parsed["shard"]))
+        assert (parsed["arch"], parsed["weights"], parsed["cache_dir"]) == ("resnet50", "none", "s3://ecg-mlflow/features")
+        assert parsed["data"] == "/data/ecg-images"
+    assert shards == [(i, 4) for i in range(4)]
+
+
+def test_features_job_mounts_what_the_training_jobs_mount(submit_features):
+    job = submit_features.render_job("vgg16", 2, 2, submit_features.parse_params([], "vgg16"), "img")
+    train_job = yaml.safe_load((K8S / "kubernetes_job_template.yaml").read_text())
+    train = train_job["spec"]["template"]["spec"]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["volumes"] == train["volumes"]
+    assert pod["containers"][0]["volumeMounts"] == train["containers"][0]["volumeMounts"]
+    assert pod["securityContext"] == train["securityContext"]
+    assert "--cache-dir" in pod_command(job, 0) and "/cache/features" in pod_command(job, 0)
+    assert job["spec"]["parallelism"] == 2 and job["metadata"]["namespace"] == train_job["metadata"]["namespace"]
+
+
+def test_features_job_arguments_fail_with_one_line_before_anything_is_submitted(submit_features):
+    with pytest.raises(submit_features.FeaturesJobError, match="-P seed: not an option of `features`"):
+        submit_features.parse_params(["seed=1"], "resnet50")
+    with pytest.raises(submit_features.FeaturesJobError, match="-P image_height must be an integer"):
+        submit_features.parse_params(["image_height=abc"], "resnet50")
+    with pytest.raises(submit_features.FeaturesJobError, match="-P cache_dir must be a folder or an s3://"):
+        submit_features.parse_params(["cache_dir=gs://b/x"], "resnet50")
+    with pytest.raises(submit_features.FeaturesJobError, match="--arch must be one of"):
+        submit_features.parse_arch("resnet5")
+    result = subprocess.run(
+        [sys.executable, str(K8S / "submit_features.py"), "--arch", "resnet50", "--shards", "0"],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120,
+    )
+    assert result.returncode == 2 and result.stderr == "submit_features: --shards must lie in 1..10000, got 0\n"
+
+
+def test_features_job_prints_yaml_kubernetes_reads():
+    result = subprocess.run(
+        [sys.executable, str(K8S / "submit_features.py"), "--arch", "vgg16", "--shards", "3", "-P", "weights=none"],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    job = yaml.safe_load(result.stdout)
+    assert job["spec"]["completions"] == 3 and job["spec"]["parallelism"] == 3
+    assert "--shard" in pod_command(job, 2) and "2/3" in pod_command(job, 2)

@@ -30,7 +30,7 @@ TRAIN_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("patience", str(_DEFAULTS.patience), "early-stopping patience on validation loss"),
     ("dense_units", ",".join(map(str, _DEFAULTS.dense_units)), "widths of the dense layers, e.g. 1024,512"),
     ("dropout", repr(_DEFAULTS.dropout), "dropout after each dense layer"),
-    ("cache_dir", "", "feature cache folder (default: $ECG_MLFLOW_CACHE_DIR or ~/.cache/ecg-mlflow/features)"),
+    ("cache_dir", "", "feature cache folder or s3://bucket/prefix (default: $ECG_MLFLOW_CACHE_DIR or ~/.cache/ecg-mlflow/features)"),
     ("head_config", "", "best_head.json path or artifact URI (runs:/ID/best_head.json) from `tune`"),
     ("log_model", "true", "log the whole Keras model (true|false)"),
 )
@@ -73,16 +73,17 @@ def stop_on_sigterm() -> None:
 @contextmanager
 def reported_errors(interrupted: str) -> Iterator[None]:
     """One clear line for what the user can fix: bad parameters or data (usage error, exit
-    2), an unreachable tracking server (exit 1), Ctrl-C/SIGTERM (`interrupted`, exit 130)."""
+    2), an unreachable tracking server or feature cache (exit 1), Ctrl-C/SIGTERM (`interrupted`, exit 130)."""
     from ecg_mlflow.data.manifest import DatasetError
     from ecg_mlflow.model.backbones import BackboneError
+    from ecg_mlflow.model.cache_store import CacheStoreError
     from ecg_mlflow.tracking.server import TrackingServerUnavailable
 
     try:
         yield
     except (ConfigError, DatasetError, BackboneError) as exc:
         raise click.BadParameter(str(exc)) from None
-    except TrackingServerUnavailable as exc:
+    except (TrackingServerUnavailable, CacheStoreError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         click.echo(f"interrupted: {interrupted}", err=True)

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from ecg_mlflow.data.near_duplicates import near_pairs_packed
 from ecg_mlflow.data.preprocess import crop_box, to_rgb
 
 WORK_SIZE: tuple[int, int] = (288, 204)
@@ -96,7 +97,16 @@ def hash_distance(a: str, b: str) -> int:
 
 
 def near_pairs(hashes: Sequence[str], threshold: int = NEAR_DUPLICATE_DISTANCE) -> list[tuple[int, int]]:
-    """Index pairs (i < j) whose hashes lie within `threshold` of each other."""
+    """Index pairs (i < j), sorted, whose hashes lie within `threshold` of each other.
+
+    Multi-index hashing (ecg_mlflow.data.near_duplicates): exact, and bounded in memory
+    where the all-pairs matrix of 100,000 hashes would need about 40 GiB."""
+    return near_pairs_packed(hash_matrix(hashes), threshold)
+
+
+def _reference_near_pairs(hashes: Sequence[str], threshold: int = NEAR_DUPLICATE_DISTANCE) -> list[tuple[int, int]]:
+    """The all-pairs search near_pairs replaced (quadratic time and memory): the reference
+    its tests and the scaling benchmark compare against."""
     matrix = hash_matrix(hashes)
     distances = hamming(matrix, matrix)
     i, j = np.nonzero(np.triu(distances <= threshold, k=1))

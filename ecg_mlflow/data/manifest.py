@@ -145,6 +145,18 @@ def read_record(relpath: str, label: str, path: Path) -> ImageRecord:
     return ImageRecord(relpath, label, sha256_hex(data), look, width, height, len(data))
 
 
+def unique_contents(root: str | Path) -> dict[str, Path]:
+    """SHA-256 -> path (the first by relpath) of every image content in a dataset folder.
+
+    Reads the bytes only, decodes nothing: what a feature pass needs to know which contents
+    to compute, at a fraction of a manifest's cost (no dHash per image)."""
+    images, _ = scan(Path(root).resolve())
+    found: dict[str, Path] = {}
+    for _, _, path in images:
+        found.setdefault(sha256_hex(path.read_bytes()), path)
+    return found
+
+
 def build_manifest(root: str | Path, *, skip_bad: bool = False, progress: bool = False) -> Manifest:
     """Scan `root`, hash and measure every image.
 

@@ -2,11 +2,12 @@
 
 An entry is addressed by the image's SHA-256 under a folder keyed by everything that
 changes the features (backbone, weights, preprocessing, Keras version). Each entry holds
-the float32 features followed by the SHA-256 of those bytes, is written to a temporary
-file and renamed into place (atomic), and is recomputed when its length or checksum is
-wrong, so a damaged entry is never trusted. A process killed mid-write (SIGKILL, power
-loss) can leave a `.*.tmp` file behind: nothing ever reads one, and opening the cache
-removes those older than an hour (no write takes that long), so they cannot pile up.
+the float32 features followed by the SHA-256 of those bytes and is published atomically;
+it is recomputed when its length or checksum is wrong, so a damaged entry is never trusted.
+The bytes live in a folder or under an S3 prefix (`cache_dir=s3://bucket/prefix`), with the
+same layout (arch/digest/sha[:2]/sha.f32 and key.json); ecg_mlflow.model.cache_store says how
+each store publishes atomically and cleans up after killed writers. Entries are content
+addressed, so any number of processes and machines may fill one cache at once.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,18 +24,23 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ecg_mlflow.model.backbones import get_spec, weights_identity
+from ecg_mlflow.model.cache_store import CacheStore, is_s3_url, open_store
 from ecg_mlflow.data.preprocess import load_batch
 
 FEATURE_BATCH_SIZE = 8
 _CHECKSUM_BYTES = 32
-STALE_TMP_SECONDS = 3600
+KEY_FILE = "key.json"
+LOAD_CHUNK = 1024
+"""Entries read at once: enough to keep S3 busy, few enough that raw bytes stay small."""
 CACHE_ENV = "ECG_MLFLOW_CACHE_DIR"
 
 
-def default_cache_dir() -> Path:
-    """`$ECG_MLFLOW_CACHE_DIR`, else the user cache folder (`$XDG_CACHE_HOME` or ~/.cache)."""
+def default_cache_dir() -> str | Path:
+    """`$ECG_MLFLOW_CACHE_DIR` (a folder or an s3:// URL), else the user cache folder
+    (`$XDG_CACHE_HOME` or ~/.cache)."""
     if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
+        value = os.environ[CACHE_ENV]
+        return value if is_s3_url(value) else Path(value)
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "ecg-mlflow" / "features"
 
@@ -80,27 +85,44 @@ class CacheStats:
 
 
 class FeatureCache:
-    """Content-addressed store of pooled features for one FeatureKey."""
+    """Content-addressed store of pooled features for one FeatureKey, in a folder or on S3."""
 
     def __init__(self, root: str | Path, key: FeatureKey):
         self.key = key
         self.dim = get_spec(key.arch).feature_dim
-        self.folder = Path(root) / key.arch / key.digest
-        self.folder.mkdir(parents=True, exist_ok=True)
-        remove_stale_tmp(self.folder)
-        meta = self.folder / "key.json"
-        if not meta.exists():
-            _atomic_write(meta, json.dumps(key.fields(), indent=2, sort_keys=True).encode())
+        self.backend: CacheStore = open_store(root, f"{key.arch}/{key.digest}")
+        if not self.backend.exists(KEY_FILE):
+            self.backend.write(KEY_FILE, json.dumps(key.fields(), indent=2, sort_keys=True).encode())
+
+    @property
+    def folder(self) -> Path:
+        """The folder of a folder-backed cache (an S3-backed one has none)."""
+        return self.backend.folder
+
+    @staticmethod
+    def entry_name(sha256: str) -> str:
+        return f"{sha256[:2]}/{sha256}.f32"
 
     def entry_path(self, sha256: str) -> Path:
-        return self.folder / sha256[:2] / f"{sha256}.f32"
+        """The file of an entry in a folder-backed cache."""
+        return self.backend.path(self.entry_name(sha256))
+
+    def has_entry(self, sha256: str) -> bool:
+        """Whether an entry exists at all, sound or not."""
+        return self.backend.exists(self.entry_name(sha256))
 
     def load(self, sha256: str) -> np.ndarray | None:
         """The cached features, or None if absent or damaged."""
-        path = self.entry_path(sha256)
-        try:
-            blob = path.read_bytes()
-        except FileNotFoundError:
+        return self.decode(self.backend.read(self.entry_name(sha256)))
+
+    def read_entries(self, shas: Sequence[str]) -> list[bytes | None]:
+        """The raw entries (None where absent), fetched concurrently where the store is remote;
+        `decode` tells a sound entry from a damaged one."""
+        return self.backend.read_many([self.entry_name(s) for s in shas])
+
+    def decode(self, blob: bytes | None) -> np.ndarray | None:
+        """Features from an entry's bytes; None unless length and checksum are right."""
+        if blob is None:
             return None
         body, checksum = blob[:-_CHECKSUM_BYTES], blob[-_CHECKSUM_BYTES:]
         if len(body) != self.dim * 4 or hashlib.sha256(body).digest() != checksum:
@@ -111,38 +133,19 @@ class FeatureCache:
         body = np.ascontiguousarray(features, dtype=np.float32).tobytes()
         if len(body) != self.dim * 4:
             raise ValueError(f"features of {sha256} have {len(body) // 4} values, expected {self.dim}")
-        path = self.entry_path(sha256)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, body + hashlib.sha256(body).digest())
+        self.backend.write(self.entry_name(sha256), body + hashlib.sha256(body).digest())
 
 
-def remove_stale_tmp(folder: Path, max_age_s: float = STALE_TMP_SECONDS) -> int:
-    """Delete the temporary files of writes killed more than `max_age_s` ago; return how many.
-
-    A younger one may belong to a write in progress in another process, so it stays."""
-    cutoff = time.time() - max_age_s
-    removed = 0
-    for tmp in [*folder.glob(".*.tmp"), *folder.glob("*/.*.tmp")]:
-        try:
-            if tmp.stat().st_mtime < cutoff:
-                tmp.unlink()
-                removed += 1
-        except FileNotFoundError:  # another process cleaned it first
-            pass
-    return removed
+def shard_of(sha256: str, count: int) -> int:
+    """The shard (0..count-1) of an image content: stable across runs, machines and data
+    folders, and even in size, since SHA-256 values are uniform."""
+    return int(sha256[:16], 16) % count
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def select_shard(paths_by_sha: dict[str, Path], index: int, count: int) -> dict[str, Path]:
+    """The contents of shard `index` of `count`: N processes with shards 0..N-1 together
+    cover every content exactly once."""
+    return {sha: path for sha, path in paths_by_sha.items() if shard_of(sha, count) == index}
 
 
 def extract_features(
@@ -163,13 +166,16 @@ def extract_features(
     features: dict[str, np.ndarray] = {}
     missing: list[str] = []
     damaged = 0
-    for sha in sorted(paths_by_sha):
-        cached = cache.load(sha)
-        if cached is None:
-            damaged += cache.entry_path(sha).exists()
-            missing.append(sha)
-        else:
-            features[sha] = cached
+    shas = sorted(paths_by_sha)
+    for first in range(0, len(shas), LOAD_CHUNK):
+        chunk = shas[first : first + LOAD_CHUNK]
+        for sha, blob in zip(chunk, cache.read_entries(chunk)):
+            cached = cache.decode(blob)
+            if cached is None:
+                damaged += blob is not None
+                missing.append(sha)
+            else:
+                features[sha] = cached
     if missing:
         if build_extractor is None:
             from ecg_mlflow.model.backbones import shared_feature_extractor
