@@ -1,0 +1,1 @@
+"""The model layer: backbones, features, heads and whole-model assembly."""
