@@ -146,8 +146,7 @@ def _start_seed(rows: SeedRows, feature_dim: int, config: HeadConfig, shuffle: b
     keras.utils.set_random_seed(rows.seed)
     head = build_head(feature_dim, config.dense_units, config.dropout)
     variables = [tf.Variable(w, dtype=tf.float32) for w in head.get_weights()]
-    dropout_seeds = [int(layer.seed_generator.state.numpy()[0]) for layer in head.layers
-                     if isinstance(layer, keras.layers.Dropout)]
+    dropout_seeds = [_layer_seed(layer) for layer in head.layers if isinstance(layer, keras.layers.Dropout)]
     orders = _keras_epoch_orders(len(rows.train), config.batch_size, shuffle, config.max_epochs)
     return _Seed(
         rows=rows, head=head, variables=variables,
@@ -155,6 +154,13 @@ def _start_seed(rows: SeedRows, feature_dim: int, config: HeadConfig, shuffle: b
         velocities=[tf.Variable(tf.zeros_like(v)) for v in variables],
         dropout_seeds=dropout_seeds, orders=orders, history=HeadHistory(),
     )
+
+
+def _layer_seed(dropout) -> int:
+    """The first half of a Dropout layer's SeedGenerator state; Keras makes none (and
+    draws nothing) at rate 0."""
+    generator = getattr(dropout, "seed_generator", None)
+    return 0 if generator is None else int(generator.state.numpy()[0])
 
 
 def _keras_epoch_orders(n: int, batch_size: int, shuffle: bool, max_epochs: int) -> Iterator[np.ndarray]:
