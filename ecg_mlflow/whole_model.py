@@ -3,6 +3,8 @@ assembled after training, checked against the head on cached features, then logg
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ecg_mlflow import names
@@ -39,6 +41,25 @@ def check_model_matches_head(model, head, pixels: np.ndarray, features: np.ndarr
     return diff
 
 
+def sample_pixels(image_paths, height: int, width: int, crop: str) -> np.ndarray:
+    """The check's images, decoded once per process: every seed of a study checks its
+    model on the same test images. Keyed by each file's size and modification time too,
+    so a file changed on disk is decoded again."""
+    from pathlib import Path
+
+    stamps = tuple((str(p), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in image_paths)
+    pixels = _decoded(stamps, height, width, crop)
+    pixels.flags.writeable = False  # shared between calls
+    return pixels
+
+
+@functools.lru_cache(maxsize=2)
+def _decoded(stamps: tuple, height: int, width: int, crop: str) -> np.ndarray:
+    from ecg_mlflow.preprocess import load_batch
+
+    return load_batch([path for path, _, _ in stamps], height, width, crop)
+
+
 def model_signature(height: int, width: int):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
@@ -59,10 +80,8 @@ def pinned_requirements(*packages: str) -> list[str]:
 def log_whole_model(config: TrainConfig, head, image_paths, features, say) -> float:
     import mlflow
 
-    from ecg_mlflow.preprocess import load_batch
-
     model = assemble_model(config, head)
-    pixels = load_batch(image_paths, config.image_height, config.image_width, config.crop)
+    pixels = sample_pixels(image_paths, config.image_height, config.image_width, config.crop)
     diff = check_model_matches_head(model, head, pixels, features)
     mlflow.log_metric("model_max_abs_diff", diff)
     say(f"whole model equals head on cached features (max abs diff {diff:.1e}); logging it")

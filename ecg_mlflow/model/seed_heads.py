@@ -200,7 +200,7 @@ def _build_step(states: list[_Seed], x, y, config: HeadConfig):
     n_hidden = len(config.dense_units)
     lr = tf.constant(config.learning_rate, tf.float32)
 
-    @tf.function
+    @tf.function(autograph=False)  # plain Python loops over layers; nothing to convert
     def seed_step(rows, step, dropout_seeds, kernels, momenta, velocities):
         batch_x, batch_y = tf.gather(x, rows), tf.gather(y, rows)
         with tf.GradientTape() as tape:
@@ -225,7 +225,7 @@ def _build_step(states: list[_Seed], x, y, config: HeadConfig):
     signature = ([tf.TensorSpec([None], tf.int32)] * len(states), tf.TensorSpec([len(states)], tf.bool),
                  tf.TensorSpec([len(states)], tf.int64))
 
-    @tf.function(input_signature=signature)
+    @tf.function(input_signature=signature, autograph=False)
     def step(rows, active, steps):
         outs = []
         for index, state in enumerate(states):
@@ -266,7 +266,7 @@ def _build_validation(states: list[_Seed], x, y):
     like the step, one traced function serves every seed."""
     import tensorflow as tf
 
-    @tf.function
+    @tf.function(autograph=False)
     def evaluate(rows, kernels):
         h = tf.gather(x, rows)
         for layer in range(len(kernels) // 2 - 1):
@@ -279,7 +279,7 @@ def _build_validation(states: list[_Seed], x, y):
 
     rows = [tf.constant(s.rows.val, tf.int32) for s in states]
 
-    @tf.function(input_signature=(tf.TensorSpec([len(states)], tf.bool),))
+    @tf.function(input_signature=(tf.TensorSpec([len(states)], tf.bool),), autograph=False)
     def validate(active):
         outs = tf.stack([
             tf.cond(active[i], lambda i=i, s=s: evaluate(rows[i], s.variables), lambda: tf.zeros([2]))
