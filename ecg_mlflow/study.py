@@ -223,8 +223,6 @@ def _start_child(config: TrainConfig, parent_id: str):
 
 def _record_failed_run(config: TrainConfig, exc: Exception, tally: _Tally) -> None:
     """A FAILED child run for a pair that could not train, so the rerun retries it."""
-    import mlflow
-
     _start_child(config, tally.parent_id)
     _end_child_failed(exc)
     tally.fail(config, exc)
