@@ -1,7 +1,8 @@
 """The study: the arch x seed grid as child runs of one parent run, resumable.
 
-Every (arch, seed) pair trains through `train_and_log` in this process, so each
-backbone's features come from the cache after its first seed. A study is identified by
+Per backbone, the missing seeds are prepared (features from the cache after the
+first), their heads trained together in one computation (`train_prepared_together`),
+then each seed is logged as its own child run exactly as `train_and_log` logs one. A study is identified by
 its key: the data digest, the backbones and every training parameter except the seed
 (and where data and cache live). Rerunning a study with the same key opens a new parent
 run and adopts the FINISHED child runs of earlier parents with that key instead of
@@ -118,10 +119,7 @@ def run_study(
     """Train every missing (arch, seed) pair as a child of the ACTIVE run (the parent)."""
     import mlflow
 
-    from ecg_mlflow.tracking.runs import end_run_on_error
-    from ecg_mlflow.tracking.server import is_unreachable, unavailable_error
     from ecg_mlflow.tracking.params import log_unlogged_params
-    from ecg_mlflow.train import run_name, train_and_log
 
     parent = mlflow.active_run()
     if parent is None:
@@ -136,37 +134,126 @@ def run_study(
 
     earlier = _earlier_finished_runs(client, parent.info.experiment_id, key, parent_id)
     status = StudyProgress(total=len(archs) * len(seeds))
-    trained, adopted, failed = [], [], []
+    outcome = _Tally(status, say, parent_id)
     for arch in archs:  # backbone-major order: one backbone pass per image per backbone
+        missing = []
         for seed in seeds:
-            config = replace(base, arch=arch, seed=seed)
-            name = run_name(config)
             if (arch, seed) in earlier:
-                run = earlier[(arch, seed)]
-                adopt_run(client, run, parent_id)
-                adopted.append(run.info.run_id)
-                status.done += 1
-                say(status.line(f"{name} already finished in run {run.info.run_id}: reused"))
-                continue
-            start = time.perf_counter()
-            tags = {schema.TAG_ROLE: schema.ROLE_TRAIN, schema.TAG_STUDY: parent_id}
-            child = mlflow.start_run(run_name=name, nested=True, tags=tags)
-            try:
-                train_and_log(config, manifest=manifest, progress=progress)
-            except BaseException as exc:
-                end_run_on_error(exc)
-                if isinstance(exc, KeyboardInterrupt) or not isinstance(exc, Exception):
-                    raise
-                if is_unreachable(exc):  # one failed pair must not lose the others, but
-                    raise unavailable_error(exc) from None  # without a server none can succeed
-                failed.append((arch, seed, f"{type(exc).__name__}: {exc}"))
-                status.done += 1
-                say(status.line(f"{name} FAILED: {type(exc).__name__}: {exc}"))
-                continue
-            mlflow.end_run(status="FINISHED")
-            trained.append(child.info.run_id)
-            status.done += 1
-            status.trained_seconds.append(time.perf_counter() - start)
-            say(status.line(f"{name} finished in {status.trained_seconds[-1]:.1f} s"))
-    mlflow.log_metrics({"runs_trained": len(trained), "runs_reused": len(adopted), "runs_failed": len(failed)})
-    return StudyOutcome(tuple(trained), tuple(adopted), tuple(failed))
+                outcome.adopt(client, earlier[(arch, seed)], replace(base, arch=arch, seed=seed))
+            else:
+                missing.append(replace(base, arch=arch, seed=seed))
+        if missing:
+            _train_seeds_together(missing, manifest, outcome, progress=progress)
+    mlflow.log_metrics({"runs_trained": len(outcome.trained), "runs_reused": len(outcome.adopted),
+                        "runs_failed": len(outcome.failed)})
+    return StudyOutcome(tuple(outcome.trained), tuple(outcome.adopted), tuple(outcome.failed))
+
+
+@dataclass
+class _Tally:
+    """What the study did so far, and the progress lines it says."""
+
+    status: StudyProgress
+    say: Callable[[str], None]
+    parent_id: str
+    trained: list[str] = field(default_factory=list)
+    adopted: list[str] = field(default_factory=list)
+    failed: list[tuple[str, int, str]] = field(default_factory=list)
+
+    def adopt(self, client, run, config: TrainConfig) -> None:
+        from ecg_mlflow.train import run_name
+
+        adopt_run(client, run, self.parent_id)
+        self.adopted.append(run.info.run_id)
+        self.status.done += 1
+        self.say(self.status.line(f"{run_name(config)} already finished in run {run.info.run_id}: reused"))
+
+    def fail(self, config: TrainConfig, exc: BaseException) -> None:
+        from ecg_mlflow.train import run_name
+
+        self.failed.append((config.arch, config.seed, f"{type(exc).__name__}: {exc}"))
+        self.status.done += 1
+        self.say(self.status.line(f"{run_name(config)} FAILED: {type(exc).__name__}: {exc}"))
+
+    def finish(self, config: TrainConfig, run_id: str, seconds: float) -> None:
+        from ecg_mlflow.train import run_name
+
+        self.trained.append(run_id)
+        self.status.done += 1
+        self.status.trained_seconds.append(seconds)
+        self.say(self.status.line(f"{run_name(config)} finished in {seconds:.1f} s"))
+
+
+def _train_seeds_together(configs: Sequence[TrainConfig], manifest: Manifest, tally: _Tally, *,
+                          progress: bool) -> None:
+    """Prepare each seed, train their heads in one computation, then log each seed as its
+    own child run. A seed that fails to prepare or log fails alone; a failed joint
+    training fails the seeds it trained. A study killed here logged nothing of these
+    seeds, so its rerun trains them again (and only them)."""
+    from ecg_mlflow.train import prepare_run, train_prepared_together
+
+    prepared = []
+    for config in configs:
+        try:
+            prepared.append(prepare_run(config, manifest, progress=progress))
+        except Exception as exc:  # one failed pair must not lose the others
+            _record_failed_run(config, exc, tally)
+    if not prepared:
+        return
+    try:
+        trained = train_prepared_together(prepared)
+    except Exception as exc:
+        for run in prepared:
+            _record_failed_run(run.config, exc, tally)
+        return
+    for run, head in zip(prepared, trained):
+        _log_child_run(run, head, tally, progress=progress)
+
+
+def _start_child(config: TrainConfig, parent_id: str):
+    import mlflow
+
+    from ecg_mlflow.train import run_name
+
+    tags = {schema.TAG_ROLE: schema.ROLE_TRAIN, schema.TAG_STUDY: parent_id}
+    return mlflow.start_run(run_name=run_name(config), nested=True, tags=tags)
+
+
+def _record_failed_run(config: TrainConfig, exc: Exception, tally: _Tally) -> None:
+    """A FAILED child run for a pair that could not train, so the rerun retries it."""
+    _start_child(config, tally.parent_id)
+    _end_child_on_error(exc)
+    tally.fail(config, exc)
+
+
+def _log_child_run(run, trained, tally: _Tally, *, progress: bool) -> None:
+    """One seed's child run, logged exactly as `train_and_log` logs a run."""
+    import mlflow
+
+    from ecg_mlflow.train import log_run_inputs, log_run_outcome
+
+    start = time.perf_counter()
+    child = _start_child(run.config, tally.parent_id)
+    try:
+        log_run_inputs(run)
+        log_run_outcome(run, trained, progress=progress)
+    except BaseException as exc:
+        _end_child_on_error(exc)
+        tally.fail(run.config, exc)
+        return
+    mlflow.end_run(status="FINISHED")
+    tally.finish(run.config, child.info.run_id, trained.seconds + time.perf_counter() - start)
+
+
+def _end_child_on_error(exc: BaseException) -> None:
+    """End the active child run as tracking.runs.end_run_on_error says. One failed pair must
+    not lose the others, so only Ctrl-C/SIGTERM and a gone server (no pair can succeed
+    without it) stop the study: those are raised again."""
+    from ecg_mlflow.tracking.runs import end_run_on_error
+    from ecg_mlflow.tracking.server import is_unreachable, unavailable_error
+
+    end_run_on_error(exc)
+    if not isinstance(exc, Exception):
+        raise exc
+    if is_unreachable(exc):
+        raise unavailable_error(exc) from None

@@ -1,8 +1,10 @@
 """One training run: features from the cache, the paper's head, everything logged.
 
-`train_and_log` logs into the active MLflow run (the caller opens it: the `train`
-command, `mlflow run`, or the study driver for its child runs), so the same function
-serves every entry point.
+A run is three pieces: `prepare_run` (split, leakage, features), a trainer
+(`train_prepared` for one seed, `train_prepared_together` for all seeds of one backbone)
+and the logging (`log_run_inputs`, `log_run_outcome`) into the active MLflow run, which
+the caller opens: the `train` command and `mlflow run` through `train_and_log`, the study
+driver per child run after training its seeds together. One way to log, whoever trained.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -21,6 +24,7 @@ from ecg_mlflow.data.splits import Leakage, Split, make_split, measure_leakage
 from ecg_mlflow.tracking.params import log_unlogged_params
 
 EQUALITY_SAMPLES = 4
+LOG_BATCH_METRICS = 1000  # MLflow's limit per log_batch request
 
 
 @dataclass(frozen=True)
@@ -54,69 +58,153 @@ def load_dataset(data: str, *, progress: bool = True) -> Manifest:
 def train_and_log(
     config: TrainConfig, *, manifest: Manifest | None = None, progress: bool = True
 ) -> TrainResult:
-    """Train one head on cached features and log the run schema into the active run.
-    `config` is what config.resolve_train_config settled: it is logged as it is."""
-    import mlflow
-
-    run = mlflow.active_run()
-    if run is None:
-        raise RuntimeError("train_and_log needs an active MLflow run")
-    if config.head_config:
-        mlflow.log_dict({k: getattr(config, k) for k in HEAD_FIELDS}, schema.ARTIFACT_HEAD)
+    """Train one head on cached features and log the run schema into the active run."""
+    _require_active_run("train_and_log")
     manifest = manifest if manifest is not None else load_dataset(config.data, progress=progress)
+    run = prepare_run(config, manifest, progress=progress)
+    log_run_inputs(run)
+    return log_run_outcome(run, train_prepared(run), progress=progress)
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """One run before its head trains: the effective configuration, its split, the
+    leakage it measures and the cached features."""
+
+    config: TrainConfig
+    manifest: Manifest
+    split: Split
+    leakage: Leakage
+    data: "PreparedData"
+
+
+@dataclass(frozen=True)
+class TrainedHead:
+    """A trained head, its curves and the seconds its training took."""
+
+    head: object
+    history: object  # ecg_mlflow.model.head.HeadHistory
+    seconds: float
+
+
+def prepare_run(config: TrainConfig, manifest: Manifest, *, progress: bool = True) -> PreparedRun:
+    """Split, leakage and features of a run; `config` is what config.resolve_train_config
+    settled (head_config applied), and it is logged as it is."""
     split = make_split(manifest, config.split, config.seed)
     leakage = measure_leakage(manifest, split)
-    _log_params(run.info.run_id, config, manifest, split)
-    mlflow.set_tag(schema.TAG_ROLE, schema.ROLE_TRAIN)
-    _log_dataset(manifest, config.data)
+    return PreparedRun(config, manifest, split, leakage, prepare_features(config, manifest, split, progress=progress))
 
-    data = prepare_features(config, manifest, split, progress=progress)
-    cache = data.cache
 
+def train_prepared(run: PreparedRun) -> TrainedHead:
+    """One seed's head with Keras' fit (`train_head`)."""
     from ecg_mlflow.model.head import train_head
 
     start = time.perf_counter()
-    head, history = train_head(
-        *data.xy("train"), *data.xy("val"), config.head_config_obj(), config.seed,
-        on_epoch_end=lambda epoch, logs: mlflow.log_metrics(
-            {k: float(logs[k]) for k in schema.EPOCH_METRICS if k in logs}, step=epoch
-        ),
-    )
-    time_head = time.perf_counter() - start
-    probabilities = {s: np.asarray(head.predict(data.x(s), verbose=0)) for s in schema.EVAL_SPLITS}
-    labels = {s: data.labels(s) for s in schema.EVAL_SPLITS}
-    records = data.records
+    head, history = train_head(*run.data.xy("train"), *run.data.xy("val"), run.config.head_config_obj(),
+                               run.config.seed)
+    return TrainedHead(head, history, time.perf_counter() - start)
+
+
+def train_prepared_together(runs: Sequence[PreparedRun]) -> list[TrainedHead]:
+    """The heads of several seeds of one backbone and head configuration, trained in one
+    computation (`train_seed_heads`); each seed's `seconds` is its share of the joint
+    time, in proportion to the epochs it trained."""
+    from ecg_mlflow.model.head import one_hot
+    from ecg_mlflow.model.seed_heads import SeedRows, train_seed_heads
+
+    first = runs[0]
+    if any((r.config.arch, r.config.head_config_obj(), r.manifest.digest)
+           != (first.config.arch, first.config.head_config_obj(), first.manifest.digest) for r in runs):
+        raise ValueError("seeds trained together must share the data, the backbone and the head")
+    relpaths = [r.relpath for r in first.manifest.records]
+    index = {p: i for i, p in enumerate(relpaths)}
+    features = first.data.features_of(relpaths)
+    labels = one_hot([first.data.records[p].label for p in relpaths])
+    rows = [SeedRows(r.config.seed, np.array([index[p] for p in r.split.train]),
+                     np.array([index[p] for p in r.split.val])) for r in runs]
+    start = time.perf_counter()
+    trained = train_seed_heads(features, labels, rows, first.config.head_config_obj())
+    seconds = time.perf_counter() - start
+    epochs = sum(history.stopped_epoch for _, history in trained.values())
+    return [TrainedHead(*trained[r.config.seed], seconds * trained[r.config.seed][1].stopped_epoch / epochs)
+            for r in runs]
+
+
+def log_run_inputs(run: PreparedRun) -> None:
+    """What the run trains on, into the active run: params, role, dataset, head.json."""
+    import mlflow
+
+    config = run.config
+    if config.head_config:
+        mlflow.log_dict({k: getattr(config, k) for k in HEAD_FIELDS}, schema.ARTIFACT_HEAD)
+    _log_params(_require_active_run("log_run_inputs"), config, run.manifest, run.split)
+    mlflow.set_tag(schema.TAG_ROLE, schema.ROLE_TRAIN)
+    _log_dataset(run.manifest, config.data)
+
+
+def log_run_outcome(run: PreparedRun, trained: TrainedHead, *, progress: bool = True) -> TrainResult:
+    """What the trained head gives, into the active run: per-epoch curves, metrics,
+    artifacts and the whole model (checked against the head on cached features)."""
+    import mlflow
 
     from ecg_mlflow.model.evaluation import evaluate
 
+    run_id = _require_active_run("log_run_outcome")
+    config, data, split, history = run.config, run.data, run.split, trained.history
+    _log_curves(run_id, history)
+    probabilities = {s: np.asarray(trained.head.predict(data.x(s), verbose=0)) for s in schema.EVAL_SPLITS}
+    labels = {s: data.labels(s) for s in schema.EVAL_SPLITS}
     metrics = {**evaluate("test", labels["test"], probabilities["test"]),
                **evaluate("val", labels["val"], probabilities["val"])}
     metrics.update({
         schema.METRIC_BEST_EPOCH: history.best_epoch,
         schema.METRIC_STOPPED_EPOCH: history.stopped_epoch,
-        schema.METRIC_LEAKAGE_EXACT: leakage.exact,
-        schema.METRIC_LEAKAGE_NEAR: leakage.near,
-        schema.METRIC_TIME_FEATURES: cache.seconds,
-        schema.METRIC_TIME_HEAD: time_head,
-        schema.METRIC_CACHE_HITS: cache.hits,
-        schema.METRIC_CACHE_MISSES: cache.misses,
+        schema.METRIC_LEAKAGE_EXACT: run.leakage.exact,
+        schema.METRIC_LEAKAGE_NEAR: run.leakage.near,
+        schema.METRIC_TIME_FEATURES: data.cache.seconds,
+        schema.METRIC_TIME_HEAD: trained.seconds,
+        schema.METRIC_CACHE_HITS: data.cache.hits,
+        schema.METRIC_CACHE_MISSES: data.cache.misses,
     })
     # At the last epoch's step: `val_loss`/`val_accuracy` are both per-epoch curves and
     # final metrics, and MLflow shows the value of the highest step, the restored best model.
     mlflow.log_metrics(metrics, step=history.stopped_epoch)
-    _log_artifacts(config, manifest, split, records, labels["test"], probabilities["test"], history)
+    _log_artifacts(config, run.manifest, split, data.records, labels["test"], probabilities["test"], history)
 
     max_diff = None
     if config.log_model:
         test_sample = list(split.test[:EQUALITY_SAMPLES])
         from ecg_mlflow.tracking.model_logging import log_whole_model
 
-        max_diff = log_whole_model(config, head, [manifest.path_of(records[p]) for p in test_sample],
+        max_diff = log_whole_model(config, trained.head, [run.manifest.path_of(data.records[p]) for p in test_sample],
                                    data.features_of(test_sample),
                                    lambda message: _say(progress, f"{run_name(config)}: {message}"))
     _say(progress, f"{run_name(config)}: test accuracy {metrics['test_accuracy']:.3f}, "
-                   f"macro F1 {metrics['test_f1_macro']:.3f} (run {run.info.run_id})")
-    return TrainResult(run.info.run_id, metrics, split, leakage, cache, max_diff)
+                   f"macro F1 {metrics['test_f1_macro']:.3f} (run {run_id})")
+    return TrainResult(run_id, metrics, split, run.leakage, data.cache, max_diff)
+
+
+def _require_active_run(who: str) -> str:
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError(f"{who} needs an active MLflow run")
+    return run.info.run_id
+
+
+def _log_curves(run_id: str, history) -> None:
+    """The per-epoch curves (step = epoch) in one request, whichever trainer made them."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    curves = [Metric(key, float(value), now, epoch)
+              for key in schema.EPOCH_METRICS
+              for epoch, value in enumerate(getattr(history, key), start=1)]
+    client = mlflow.MlflowClient()
+    for start in range(0, len(curves), LOG_BATCH_METRICS):
+        client.log_batch(run_id, metrics=curves[start:start + LOG_BATCH_METRICS])
 
 
 @dataclass(frozen=True)

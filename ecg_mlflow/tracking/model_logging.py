@@ -3,6 +3,9 @@ what was evaluated (see ecg_mlflow.model.whole_model)."""
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import numpy as np
 
 from ecg_mlflow import schema
@@ -14,6 +17,21 @@ TENSORFLOW_DISTRIBUTIONS = ("tensorflow-cpu", "tensorflow", "tensorflow-intel", 
 """The names TensorFlow is installed under (CPU build, CUDA build, vendor builds): a model
 names the one that is installed, so it serves on a GPU machine and on a CPU one alike."""
 BACKEND_PACKAGES = {"jax": ("jax", "jaxlib"), "torch": ("torch",)}
+
+
+def sample_pixels(image_paths, height: int, width: int, crop: str) -> np.ndarray:
+    """The check's images, decoded once per process: every seed of a study checks its
+    model on the same test images. Keyed by each file's size and modification time too,
+    so a file changed on disk is decoded again."""
+    stamps = tuple((str(p), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in image_paths)
+    pixels = _decoded(stamps, height, width, crop)
+    pixels.flags.writeable = False  # shared between calls
+    return pixels
+
+
+@functools.lru_cache(maxsize=2)
+def _decoded(stamps: tuple, height: int, width: int, crop: str) -> np.ndarray:
+    return load_batch([path for path, _, _ in stamps], height, width, crop)
 
 
 def model_signature(height: int, width: int):
@@ -61,7 +79,7 @@ def log_whole_model(config: TrainConfig, head, image_paths, features, say) -> fl
     import mlflow
 
     model = assemble_model(config, head)
-    pixels = load_batch(image_paths, config.image_height, config.image_width, config.crop)
+    pixels = sample_pixels(image_paths, config.image_height, config.image_width, config.crop)
     diff = check_model_matches_head(model, head, pixels, features)
     mlflow.log_metric("model_max_abs_diff", diff)
     say(f"whole model equals head on cached features (max abs diff {diff:.1e}); logging it")
