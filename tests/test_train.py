@@ -164,7 +164,7 @@ def test_whole_model_must_equal_the_head_on_cached_features(demo_set, tmp_path):
         ("--arch", "resnet51", "arch must be one of"),
         ("--seed", "abc", "seed must be an integer"),
         ("--seed", "-1", "seed must be at least 0"),
-        ("--image-height", "0", "image_height must be at least 1"),
+        ("--image-height", "0", "image_height must be an integer from 1 to 4096, got '0'"),
         ("--learning-rate", "2", "learning_rate must lie in"),
         ("--dropout", "1.5", "dropout must lie in"),
         ("--dense-units", "a,b", "dense_units must be"),
