@@ -6,6 +6,10 @@ its key: the data digest, the backbones and every training parameter except the 
 (and where data and cache live). Rerunning a study with the same key opens a new parent
 run and adopts the FINISHED child runs of earlier parents with that key instead of
 training them again; only missing or failed pairs train.
+
+With `cv` > 0 the grid is (arch, repeat, fold) instead of (arch, seed): every image is tested
+once per repeat (see ecg_mlflow.data.folds for the folds and the seed of each cell), the child
+runs are tagged `ecg.repeat` and `ecg.fold`, and cv and cv_repeats are part of the key.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from typing import Callable, Sequence
 from ecg_mlflow import schema
 from ecg_mlflow.model.backbones import BACKBONES
 from ecg_mlflow.config import ConfigError, TrainConfig, head_config_digest, parse_seeds  # noqa: F401 (re-exported)
+from ecg_mlflow.data.folds import Fold, make_folds
 from ecg_mlflow.data.manifest import Manifest
+from ecg_mlflow.parsing import parse_int
 from ecg_mlflow.tracking.search import filter_quote
 
 
@@ -36,12 +42,62 @@ def parse_archs(text: str) -> tuple[str, ...]:
     return archs
 
 
-def study_key(archs: Sequence[str], config: TrainConfig, data_digest: str) -> str:
-    """Identity of a study: same key, same experiment (seeds may be added)."""
+MAX_FOLDS = 100
+MAX_REPEATS = 100
+
+
+def parse_cv(raw) -> int:
+    """Folds of the cross-validation: 0 (the fixed split, as the paper) or 2..MAX_FOLDS."""
+    folds = parse_int(schema.PARAM_CV, raw, minimum=0, maximum=MAX_FOLDS)
+    if folds == 1:
+        raise ConfigError(f"cv must be 0 (the fixed split) or at least 2 folds, got {raw!r}")
+    return folds
+
+
+def parse_cv_repeats(raw) -> int:
+    return parse_int(schema.PARAM_CV_REPEATS, raw, minimum=1, maximum=MAX_REPEATS)
+
+
+def study_key(archs: Sequence[str], config: TrainConfig, data_digest: str, cv: int = 0, cv_repeats: int = 1) -> str:
+    """Identity of a study: same key, same experiment (seeds may be added). A fixed-split
+    study (cv = 0) keeps the key it had before cross-validation existed."""
     params = {k: v for k, v in config.as_params().items() if k not in schema.STUDY_KEY_EXEMPT_PARAMS}
     params["head_config"] = head_config_digest(config)  # the head's content, not the file's path
+    if cv:
+        params.update({schema.PARAM_CV: str(cv), schema.PARAM_CV_REPEATS: str(cv_repeats)})
     blob = json.dumps({"archs": list(archs), "params": params, "data": data_digest}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class StudyCell:
+    """One child run of the grid: a backbone, its seed and, in a cross-validation, its fold."""
+
+    arch: str
+    seed: int
+    fold: Fold | None = None
+
+    def name_suffix(self) -> str:
+        """What follows the run name `resnet50-s3`: `-r0-f2` for fold 2 of repeat 0."""
+        return "" if self.fold is None else f"-r{self.fold.repeat}-f{self.fold.fold}"
+
+    def tags(self) -> dict[str, str]:
+        if self.fold is None:
+            return {}
+        return {schema.TAG_REPEAT: str(self.fold.repeat), schema.TAG_FOLD: str(self.fold.fold)}
+
+
+def study_cells(archs: Sequence[str], seeds: Sequence[int], manifest: Manifest, policy: str,
+                cv: int = 0, cv_repeats: int = 1) -> list[StudyCell]:
+    """The grid in training order (backbone-major: one backbone pass per image per backbone);
+    with cv > 0 the seeds are those of the (repeat, fold) cells. ConfigError names cv."""
+    if not cv:
+        return [StudyCell(arch, seed) for arch in archs for seed in seeds]
+    try:
+        folds = make_folds(manifest, policy, cv, cv_repeats)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return [StudyCell(arch, fold.seed, fold) for arch in archs for fold in folds]
 
 
 @dataclass
@@ -114,8 +170,11 @@ def run_study(
     *,
     say: Callable[[str], None] = print,
     progress: bool = True,
+    cv: int = 0,
+    cv_repeats: int = 1,
 ) -> StudyOutcome:
-    """Train every missing (arch, seed) pair as a child of the ACTIVE run (the parent)."""
+    """Train every missing (arch, seed) pair, or with cv > 0 every missing (arch, repeat,
+    fold) cell, as a child of the ACTIVE run (the parent)."""
     import mlflow
 
     from ecg_mlflow.tracking.runs import end_run_on_error
@@ -128,45 +187,49 @@ def run_study(
         raise RuntimeError("run_study needs an active MLflow parent run")
     client = mlflow.MlflowClient()
     parent_id = parent.info.run_id
-    key = study_key(archs, base, manifest.digest)
+    cells = study_cells(archs, seeds, manifest, base.split, cv, cv_repeats)
+    key = study_key(archs, base, manifest.digest, cv, cv_repeats)
     mlflow.set_tags({schema.TAG_ROLE: schema.ROLE_STUDY, schema.TAG_STUDY_KEY: key})
-    params = {**base.as_params(), schema.PARAM_ARCHS: ",".join(archs), schema.PARAM_SEEDS: ",".join(map(str, seeds)),
-              schema.PARAM_DATA_DIGEST: manifest.digest}
+    cell_seeds = sorted({cell.seed for cell in cells})
+    params = {**base.as_params(), schema.PARAM_ARCHS: ",".join(archs), schema.PARAM_SEEDS: ",".join(map(str, cell_seeds)),
+              schema.PARAM_DATA_DIGEST: manifest.digest, schema.PARAM_CV: str(cv),
+              schema.PARAM_CV_REPEATS: str(cv_repeats)}
     log_unlogged_params(parent_id, {k: v for k, v in params.items() if k not in ("arch", "seed")})
 
     earlier = _earlier_finished_runs(client, parent.info.experiment_id, key, parent_id)
-    status = StudyProgress(total=len(archs) * len(seeds))
+    status = StudyProgress(total=len(cells))
     trained, adopted, failed = [], [], []
-    for arch in archs:  # backbone-major order: one backbone pass per image per backbone
-        for seed in seeds:
-            config = replace(base, arch=arch, seed=seed)
-            name = run_name(config)
-            if (arch, seed) in earlier:
-                run = earlier[(arch, seed)]
-                adopt_run(client, run, parent_id)
-                adopted.append(run.info.run_id)
-                status.done += 1
-                say(status.line(f"{name} already finished in run {run.info.run_id}: reused"))
-                continue
-            start = time.perf_counter()
-            tags = {schema.TAG_ROLE: schema.ROLE_TRAIN, schema.TAG_STUDY: parent_id}
-            child = mlflow.start_run(run_name=name, nested=True, tags=tags)
-            try:
-                train_and_log(config, manifest=manifest, progress=progress)
-            except BaseException as exc:
-                end_run_on_error(exc)
-                if isinstance(exc, KeyboardInterrupt) or not isinstance(exc, Exception):
-                    raise
-                if is_unreachable(exc):  # one failed pair must not lose the others, but
-                    raise unavailable_error(exc) from None  # without a server none can succeed
-                failed.append((arch, seed, f"{type(exc).__name__}: {exc}"))
-                status.done += 1
-                say(status.line(f"{name} FAILED: {type(exc).__name__}: {exc}"))
-                continue
-            mlflow.end_run(status="FINISHED")
-            trained.append(child.info.run_id)
+    for cell in cells:  # backbone-major order: one backbone pass per image per backbone
+        arch, seed = cell.arch, cell.seed
+        config = replace(base, arch=arch, seed=seed)
+        name = run_name(config) + cell.name_suffix()
+        if (arch, seed) in earlier:
+            run = earlier[(arch, seed)]
+            adopt_run(client, run, parent_id)
+            adopted.append(run.info.run_id)
             status.done += 1
-            status.trained_seconds.append(time.perf_counter() - start)
-            say(status.line(f"{name} finished in {status.trained_seconds[-1]:.1f} s"))
+            say(status.line(f"{name} already finished in run {run.info.run_id}: reused"))
+            continue
+        start = time.perf_counter()
+        tags = {schema.TAG_ROLE: schema.ROLE_TRAIN, schema.TAG_STUDY: parent_id, **cell.tags()}
+        child = mlflow.start_run(run_name=name, nested=True, tags=tags)
+        try:
+            train_and_log(config, manifest=manifest, progress=progress,
+                          split=cell.fold.split if cell.fold else None)
+        except BaseException as exc:
+            end_run_on_error(exc)
+            if isinstance(exc, KeyboardInterrupt) or not isinstance(exc, Exception):
+                raise
+            if is_unreachable(exc):  # one failed pair must not lose the others, but
+                raise unavailable_error(exc) from None  # without a server none can succeed
+            failed.append((arch, seed, f"{type(exc).__name__}: {exc}"))
+            status.done += 1
+            say(status.line(f"{name} FAILED: {type(exc).__name__}: {exc}"))
+            continue
+        mlflow.end_run(status="FINISHED")
+        trained.append(child.info.run_id)
+        status.done += 1
+        status.trained_seconds.append(time.perf_counter() - start)
+        say(status.line(f"{name} finished in {status.trained_seconds[-1]:.1f} s"))
     mlflow.log_metrics({"runs_trained": len(trained), "runs_reused": len(adopted), "runs_failed": len(failed)})
     return StudyOutcome(tuple(trained), tuple(adopted), tuple(failed))

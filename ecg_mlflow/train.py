@@ -52,10 +52,12 @@ def load_dataset(data: str, *, progress: bool = True) -> Manifest:
 
 
 def train_and_log(
-    config: TrainConfig, *, manifest: Manifest | None = None, progress: bool = True
+    config: TrainConfig, *, manifest: Manifest | None = None, progress: bool = True,
+    split: Split | None = None,
 ) -> TrainResult:
     """Train one head on cached features and log the run schema into the active run.
-    `config` is what config.resolve_train_config settled: it is logged as it is."""
+    `config` is what config.resolve_train_config settled: it is logged as it is. `split`
+    (a cross-validation fold) replaces the split `config.split` would draw."""
     import mlflow
 
     run = mlflow.active_run()
@@ -64,7 +66,7 @@ def train_and_log(
     if config.head_config:
         mlflow.log_dict({k: getattr(config, k) for k in HEAD_FIELDS}, schema.ARTIFACT_HEAD)
     manifest = manifest if manifest is not None else load_dataset(config.data, progress=progress)
-    split = make_split(manifest, config.split, config.seed)
+    split = split if split is not None else make_split(manifest, config.split, config.seed)
     leakage = measure_leakage(manifest, split)
     _log_params(run.info.run_id, config, manifest, split)
     mlflow.set_tag(schema.TAG_ROLE, schema.ROLE_TRAIN)
