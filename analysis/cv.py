@@ -15,7 +15,6 @@ its seed, so `gather.gather_study` pairs them as it pairs seeds. Here, per metri
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from collections.abc import Sequence
@@ -444,8 +443,3 @@ def log_cv_analysis(analysis: CVAnalysis, run_id: str, *, study: str, experiment
     with tempfile.TemporaryDirectory(prefix="ecg-cv-analysis-") as tmp:
         write_cv_artifacts(analysis, Path(tmp))
         client.log_artifacts(run_id, tmp)
-
-
-def write_confusion_json(analysis: CVAnalysis, path: Path) -> Path:
-    path.write_text(json.dumps(analysis.confusion_dict(), indent=2) + "\n")
-    return path

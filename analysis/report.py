@@ -396,14 +396,12 @@ def plot_oof_confusion(analysis: CVAnalysis, path: Path) -> Path:
 
 def write_cv_artifacts(analysis: CVAnalysis, folder: Path) -> list[Path]:
     """results.csv, results.json, report.md, oof_confusion.json/.png into `folder`."""
-    from analysis.cv import write_confusion_json
-
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / name for name in schema.CV_ANALYSIS_ARTIFACTS]
     csv, js, md, confusion_json, confusion_png = paths
     analysis.to_frame().to_csv(csv, index=False)
     js.write_text(json.dumps(analysis.to_dict(), indent=2, allow_nan=False) + "\n")
     md.write_text(markdown_cv_report(analysis))
-    write_confusion_json(analysis, confusion_json)
+    confusion_json.write_text(json.dumps(analysis.confusion_dict(), indent=2) + "\n")
     plot_oof_confusion(analysis, confusion_png)
     return paths

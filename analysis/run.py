@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from analysis.cv import CVAnalysis, analyze_cv_pairs, log_cv_analysis
 from analysis.gather import LATEST, StudyPairs, gather_study, load_predictions
 from analysis.stats import (
     DEFAULT_RESAMPLES,
@@ -199,7 +200,7 @@ def analyze_study(
     *,
     n_resamples: int = DEFAULT_RESAMPLES,
     bootstrap_seed: int = 0,
-) -> StudyAnalysis:
+) -> StudyAnalysis | CVAnalysis:
     """Gather a study's paired train runs from MLflow and compute every statistic; for a
     cross-validated study (param cv > 0) the CVAnalysis of analysis.cv instead.
 
@@ -221,8 +222,6 @@ def analyze_study(
     client = client or MlflowClient()
     pairs = gather_study(client, experiment, study)
     if pairs.design[0]:  # a cross-validated study: every image tested once per repeat
-        from analysis.cv import analyze_cv_pairs
-
         return analyze_cv_pairs(client, pairs, chosen, level)
     first, second = pairs.archs
     k = len(chosen)
@@ -347,8 +346,6 @@ def log_analysis(
     from analysis.report import write_artifacts
 
     client = client or MlflowClient()
-    from analysis.cv import CVAnalysis, log_cv_analysis
-
     if isinstance(analysis, CVAnalysis):
         log_cv_analysis(analysis, run_id, study=study or analysis.study_run_id, experiment=experiment, client=client)
         return

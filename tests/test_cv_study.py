@@ -243,3 +243,30 @@ def test_a_tiny_cv_study_runs_resumes_is_analysed_and_promoted(demo_set, trackin
     assert "training the final" not in again.output
     finals = client.search_runs([final.info.experiment_id], f"tags.`{TAG_FINAL_OF}` = '{analysis.info.run_id}'")
     assert len(finals) == 1
+
+
+def test_bad_cv_parameters_fail_with_one_line_before_any_run(demo_set, tracking_uri):
+    for option, value, message in (("--cv", "1", "cv must be 0 (the fixed split) or at least 2 folds"),
+                                   ("--cv", "x", "cv must be an integer from 0 to 100"),
+                                   ("--cv-repeats", "0", "cv_repeats must be an integer from 1 to 100"),
+                                   ("--cv", "9", "cv=9 folds need at least 9 distinct images")):
+        extra = ["--cv", "2"] if option == "--cv-repeats" else []
+        result = CliRunner().invoke(main, ["study", "--data", str(demo_set), "--split", "grouped", *extra, option, value])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "Traceback" not in result.output
+    assert not mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def test_the_study_key_holds_the_design_and_a_fixed_split_keeps_its_old_key():
+    import hashlib
+
+    from ecg_mlflow.config import TrainConfig, head_config_digest
+    from ecg_mlflow.study import study_key
+
+    config = TrainConfig()
+    params = {k: v for k, v in config.as_params().items() if k not in schema.STUDY_KEY_EXEMPT_PARAMS}
+    params["head_config"] = head_config_digest(config)
+    blob = json.dumps({"archs": list(ARCHS), "params": params, "data": "d"}, sort_keys=True)
+    assert study_key(ARCHS, config, "d") == hashlib.sha256(blob.encode()).hexdigest()[:24]  # as before CV
+    keys = {study_key(ARCHS, config, "d", cv, repeats) for cv, repeats in ((0, 1), (5, 1), (5, 2), (2, 5))}
+    assert len(keys) == 4
