@@ -88,9 +88,18 @@ def analyze_and_report(
                      nested=mlflow.active_run() is not None) as run:
         log_analysis(result, run.info.run_id, study=study, experiment=experiment)
 
-    click.echo(f"study {result.study_run_id}: {result.first} minus {result.second}, {result.n_pairs} seed pairs, "
-               f"{result.n_images} test images, {result.confidence:.2%} intervals")
-    click.echo(terminal_table(result))
+    from analysis.cv import CVAnalysis
+    from analysis.report import cv_terminal_table
+
+    if isinstance(result, CVAnalysis):
+        click.echo(f"study {result.study_run_id}: {result.first} minus {result.second}, {result.n_repeats} x "
+                   f"{result.n_folds}-fold cross-validation, {result.n_images} images each tested once per repeat, "
+                   f"corrected resampled t-test, {result.confidence:.2%} intervals")
+        click.echo(cv_terminal_table(result))
+    else:
+        click.echo(f"study {result.study_run_id}: {result.first} minus {result.second}, {result.n_pairs} seed pairs, "
+                   f"{result.n_images} test images, {result.confidence:.2%} intervals")
+        click.echo(terminal_table(result))
     for sentence in result.disagreements():
         click.echo(f"note: {sentence}")
     click.echo(f"winner: {result.winner} (primary metric {result.primary_metric}, significant={str(result.significant).lower()})")

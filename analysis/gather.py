@@ -53,6 +53,7 @@ class TrainRun:
     start_time: int
     params: dict[str, str]
     metrics: dict[str, float]
+    tags: dict[str, str] = field(default_factory=dict)
 
     def label(self) -> str:
         return f"run {self.run_id} ({self.arch}, seed {self.seed})"
@@ -68,6 +69,13 @@ class StudyPairs:
     seeds: tuple[int, ...]
     runs: dict[str, tuple[TrainRun, ...]]
     warnings: tuple[str, ...] = field(default=())
+    study_params: dict[str, str] = field(default_factory=dict)
+    """The study parent's params (`cv`, `cv_repeats` say whether it cross-validated)."""
+
+    @property
+    def design(self) -> tuple[int, int]:
+        """(folds, repeats) of a cross-validated study; (0, 1) for the fixed split."""
+        return study_design(self.study_params)
 
     def values(self, arch: str, metric_key: str) -> np.ndarray:
         """One logged metric of every paired run of `arch`, in seed order."""
@@ -125,6 +133,17 @@ def study_archs(study_run: Run) -> tuple[str, str]:
     return archs  # type: ignore[return-value]
 
 
+def study_design(params: dict[str, str]) -> tuple[int, int]:
+    """(cv, cv_repeats) from a study run's params; studies from before CV have neither: (0, 1)."""
+    try:
+        return int(params.get(schema.PARAM_CV, "0") or 0), int(params.get(schema.PARAM_CV_REPEATS, "1") or 1)
+    except ValueError:
+        raise PairingError(
+            f"study params {schema.PARAM_CV}={params.get(schema.PARAM_CV)!r}, "
+            f"{schema.PARAM_CV_REPEATS}={params.get(schema.PARAM_CV_REPEATS)!r} are not integers"
+        ) from None
+
+
 def parse_seed_spec(spec: str) -> tuple[int, ...] | None:
     """`"1-10"`, `"1,2,5"` or `"1-3,7"` -> seeds; None when the text is not of that form."""
     from ecg_mlflow.parsing import ConfigError, parse_seeds
@@ -144,7 +163,8 @@ def _to_train_run(run: Run) -> TrainRun:
         seed_number = int(seed)
     except ValueError as error:
         raise PairingError(f"train run {run.info.run_id} has a non-integer seed {seed!r}") from error
-    return TrainRun(run.info.run_id, arch, seed_number, int(run.info.start_time or 0), params, dict(run.data.metrics))
+    return TrainRun(run.info.run_id, arch, seed_number, int(run.info.start_time or 0), params, dict(run.data.metrics),
+                    dict(run.data.tags))
 
 
 def pair_runs(
@@ -241,10 +261,14 @@ def gather_study(client: MlflowClient, experiment: str = schema.DEFAULT_EXPERIME
     finished = [r for r in children if r.info.status == "FINISHED"]
     if len(finished) < len(children):
         _warn(f"ignoring {len(children) - len(finished)} train run(s) of the study that did not finish", collected)
-    declared = parse_seed_spec(study_run.data.params.get(schema.PARAM_SEEDS, ""))
+    folds, repeats = study_design(study_run.data.params)
+    if folds:  # a CV study's seeds are its cells' (under `mlflow run` the `seeds` param is the default)
+        declared: tuple[int, ...] | None = tuple(range(1, folds * repeats + 1))
+    else:
+        declared = parse_seed_spec(study_run.data.params.get(schema.PARAM_SEEDS, ""))
     seeds, paired = pair_runs([_to_train_run(r) for r in finished], archs, declared, collected)
     check_pairs(seeds, paired, archs)
-    return StudyPairs(experiment_id, study_id, archs, seeds, paired, tuple(collected))
+    return StudyPairs(experiment_id, study_id, archs, seeds, paired, tuple(collected), dict(study_run.data.params))
 
 
 def _class_indices(values: pd.Series, run: TrainRun, column: str) -> np.ndarray:

@@ -12,6 +12,7 @@ import numpy as np
 from ecg_mlflow import schema
 
 if TYPE_CHECKING:
+    from analysis.cv import CVAnalysis
     from analysis.run import StudyAnalysis
     from analysis.stats import MetricComparison
 
@@ -264,4 +265,143 @@ def write_artifacts(analysis: StudyAnalysis, folder: Path) -> list[Path]:
     md.write_text(markdown_report(analysis))
     plot_figure2(analysis, fig2)
     plot_per_class(analysis, per_class)
+    return paths
+
+
+# ----------------------------------------------------------------------------- cross-validation
+
+
+def cv_summary_rows(analysis: CVAnalysis) -> list[dict[str, str]]:
+    """One display row per metric of a cross-validated study."""
+    level = f"{analysis.confidence:.2%}".rstrip("0").rstrip(".")
+    rows = []
+    for c in analysis.comparisons:
+        t, fxt = c.ttest, c.five_by_two
+        row = {
+            "metric": c.metric,
+            f"{c.first} mean": f"{c.first_mean:.4f}",
+            f"{c.second} mean": f"{c.second_mean:.4f}",
+            f"diff [{level} CI]": _mean_ci(t.mean_diff, t.ci_low, t.ci_high),
+            "t corr. (df)": f"{_num(t.t, 3)} ({t.df})",
+            "p corr.": _num(t.p),
+            "p corr. Bonf.": _num(c.p_bonferroni),
+            "p naive": _num(t.p_uncorrected),
+            f"OOF {c.first}": f"{c.oof_first:.4f}",
+            f"OOF {c.second}": f"{c.oof_second:.4f}",
+        }
+        if fxt is not None:
+            row["p 5x2cv t"] = _num(fxt.p)
+            row["p 5x2cv F"] = _num(fxt.p_f)
+        row.update({"winner": c.winner, "sig.": "*" if c.significant else "ns"})
+        rows.append(row)
+    return rows
+
+
+def cv_terminal_table(analysis: CVAnalysis) -> str:
+    rows = cv_summary_rows(analysis)
+    columns = list(rows[0])
+    widths = {col: max(len(col), *(len(r[col]) for r in rows)) for col in columns}
+    lines = ["  ".join(col.ljust(widths[col]) for col in columns), "  ".join("-" * widths[col] for col in columns)]
+    lines += ["  ".join(r[col].ljust(widths[col]) for col in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def _cv_verdict(analysis: CVAnalysis) -> str:
+    primary = analysis.comparison(analysis.primary_metric)
+    if primary.significant:
+        return (f"**{primary.winner}** wins on {primary.metric} (mean difference {primary.ttest.mean_diff:+.4f}, "
+                f"corrected resampled t-test, Bonferroni-adjusted p = {_num(primary.p_bonferroni)} < alpha = "
+                f"{analysis.alpha}). Tag `winner` = `{analysis.winner}`.")
+    return (f"No significant difference on the primary metric {primary.metric} (corrected resampled t-test, "
+            f"Bonferroni-adjusted p = {_num(primary.p_bonferroni)}, alpha = {analysis.alpha}); {primary.winner} "
+            f"has the higher mean. Tag `winner` = `{schema.NO_WINNER}`.")
+
+
+def _confusion_table(analysis: CVAnalysis, arch: str) -> str:
+    matrix = analysis.confusion[arch]
+    rows = [{"true \\ predicted": cls, **{p: str(int(matrix[i, j])) for j, p in enumerate(schema.CLASSES)}}
+            for i, cls in enumerate(schema.CLASSES)]
+    return _markdown_table(rows)
+
+
+def markdown_cv_report(analysis: CVAnalysis) -> str:
+    """report.md of a cross-validated study."""
+    first, second = analysis.archs
+    k, r = analysis.n_folds, analysis.n_repeats
+    c0 = analysis.comparisons[0].ttest
+    lines = [
+        f"# Analysis of cross-validated study `{analysis.study_run_id}`",
+        "",
+        f"- Backbones: **{first}** vs **{second}**; differences are {first} minus {second}.",
+        f"- Design: {r} repeat(s) of {k}-fold cross-validation, {analysis.n_pairs} paired cells; every one of "
+        f"the {analysis.n_images} images is tested once per repeat. Folds: about {c0.n_test:.0f} test images, "
+        f"{c0.n_train:.0f} training images (validation for early stopping included).",
+        f"- Metrics: {', '.join(analysis.metrics)} (primary: {analysis.primary_metric}); alpha = {analysis.alpha}, "
+        f"Bonferroni over {len(analysis.metrics)} metrics, {analysis.confidence:.2%} intervals.",
+        "", "## Verdict", "", _cv_verdict(analysis), "", "## Results", "",
+        _markdown_table(cv_summary_rows(analysis)), "",
+        "The corrected resampled t-test (Nadeau & Bengio 2003; Bouckaert & Frank 2004 for repeated k-fold): "
+        "t = mean(d) / sqrt((1/(k r) + n_test/n_train) var(d)), df = k r - 1, over the per-cell differences d. "
+        "The folds' training sets overlap, so their differences are correlated; the naive t-test over folds "
+        "(`p naive`, variance / (k r)) ignores that and is too confident. OOF: the metric of each repeat's "
+        "out-of-fold predictions (every image predicted by the model that did not train on it), mean over repeats.",
+    ]
+    if any(c.five_by_two for c in analysis.comparisons):
+        lines += ["", "5x2cv (5 repeats of 2 folds): Dietterich's paired t-test (t = p_1^(1) / sqrt(mean s_i^2), "
+                  "df 5) and Alpaydin's combined F-test (F(10, 5)) as second opinions."]
+    notes = [f"- {c.metric}: {c.ttest.note}" for c in analysis.comparisons if c.ttest.note]
+    if notes:
+        lines += ["", "## Degenerate differences", ""] + notes
+    disagreements = analysis.disagreements()
+    if disagreements:
+        lines += ["", "## Naive versus corrected", ""] + [f"- {text}" for text in disagreements]
+    lines += ["", "## Out-of-fold confusion matrices", "",
+              f"Counts over {r} repeat(s) (each image counted once per repeat); rows true class, columns predicted."]
+    for arch in analysis.archs:
+        lines += ["", f"### {arch}", "", _confusion_table(analysis, arch)]
+    if analysis.warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in analysis.warnings]
+    lines += ["", "## Runs", ""]
+    for i, (rep, fold) in enumerate(analysis.cells):
+        runs = ", ".join(f"{a} `{analysis.run_ids[a][i]}`" for a in analysis.archs)
+        lines.append(f"- repeat {rep}, fold {fold}: {runs}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_oof_confusion(analysis: CVAnalysis, path: Path) -> Path:
+    """The out-of-fold confusion matrix of each backbone, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(analysis.archs), figsize=(4.6 * len(analysis.archs), 4.2), squeeze=False)
+    for ax, arch in zip(axes[0], analysis.archs):
+        matrix = analysis.confusion[arch]
+        ax.imshow(matrix, cmap="Blues")
+        for (i, j), value in np.ndenumerate(matrix):
+            ax.text(j, i, str(int(value)), ha="center", va="center",
+                    color="white" if value > matrix.max() / 2 else "black")
+        ax.set_xticks(range(len(schema.CLASSES)), schema.CLASSES)
+        ax.set_yticks(range(len(schema.CLASSES)), schema.CLASSES)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{arch} out of fold")
+    fig.suptitle(f"{analysis.n_repeats} x {analysis.n_folds}-fold CV, {analysis.n_images} images per repeat")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_cv_artifacts(analysis: CVAnalysis, folder: Path) -> list[Path]:
+    """results.csv, results.json, report.md, oof_confusion.json/.png into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / name for name in schema.CV_ANALYSIS_ARTIFACTS]
+    csv, js, md, confusion_json, confusion_png = paths
+    analysis.to_frame().to_csv(csv, index=False)
+    js.write_text(json.dumps(analysis.to_dict(), indent=2, allow_nan=False) + "\n")
+    md.write_text(markdown_cv_report(analysis))
+    confusion_json.write_text(json.dumps(analysis.confusion_dict(), indent=2) + "\n")
+    plot_oof_confusion(analysis, confusion_png)
     return paths

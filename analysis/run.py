@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from analysis.cv import CVAnalysis, analyze_cv_pairs, log_cv_analysis
 from analysis.gather import LATEST, StudyPairs, gather_study, load_predictions
 from analysis.stats import (
     DEFAULT_RESAMPLES,
@@ -199,8 +200,9 @@ def analyze_study(
     *,
     n_resamples: int = DEFAULT_RESAMPLES,
     bootstrap_seed: int = 0,
-) -> StudyAnalysis:
-    """Gather a study's paired train runs from MLflow and compute every statistic.
+) -> StudyAnalysis | CVAnalysis:
+    """Gather a study's paired train runs from MLflow and compute every statistic; for a
+    cross-validated study (param cv > 0) the CVAnalysis of analysis.cv instead.
 
     Args:
         client: MLflow client (default: one for the current tracking URI).
@@ -219,6 +221,8 @@ def analyze_study(
     level = parse_alpha(alpha)
     client = client or MlflowClient()
     pairs = gather_study(client, experiment, study)
+    if pairs.design[0]:  # a cross-validated study: every image tested once per repeat
+        return analyze_cv_pairs(client, pairs, chosen, level)
     first, second = pairs.archs
     k = len(chosen)
     predictions = load_predictions(client, pairs)
@@ -342,6 +346,9 @@ def log_analysis(
     from analysis.report import write_artifacts
 
     client = client or MlflowClient()
+    if isinstance(analysis, CVAnalysis):
+        log_cv_analysis(analysis, run_id, study=study or analysis.study_run_id, experiment=experiment, client=client)
+        return
     existing = client.get_run(run_id).data.params
     params = analysis_params(analysis, study or analysis.study_run_id, experiment)
     now = int(pd.Timestamp.now(tz="UTC").timestamp() * 1000)

@@ -631,3 +631,169 @@ def compare_metric(
         bootstrap=bootstrap,
         mcnemar=mcnemar,
     )
+
+
+# ----------------------------------------------------------------------------- cross-validation
+
+
+def _validate_cv_differences(differences: ArrayLike, n_folds: int, n_repeats: int) -> np.ndarray:
+    """One finite difference per (repeat, fold) cell, k * r of them, k >= 2."""
+    for name, value, least in (("n_folds", n_folds, 2), ("n_repeats", n_repeats, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    diffs = np.asarray(differences, dtype=float).ravel()
+    if diffs.size != n_folds * n_repeats:
+        raise ValueError(
+            f"differences must hold one value per (repeat, fold): {n_repeats} x {n_folds} = "
+            f"{n_folds * n_repeats}, got {diffs.size}"
+        )
+    if not np.all(np.isfinite(diffs)):
+        raise ValueError(f"differences contain NaN or infinite values: {diffs.tolist()}")
+    return diffs
+
+
+def _validate_sizes(n_train: float, n_test: float) -> tuple[float, float]:
+    for name, value in (("n_train", n_train), ("n_test", n_test)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not value > 0:
+            raise ValueError(f"{name} must be a positive number of images, got {value!r}")
+    return float(n_train), float(n_test)
+
+
+def _degenerate_t(mean: float) -> tuple[float, float, str]:
+    """(t, p, note) when every difference is the same number (zero variance)."""
+    if mean == 0.0:
+        return 0.0, 1.0, "every difference is 0: no difference in any fold (t = 0, p = 1)"
+    return (
+        math.copysign(math.inf, mean), 0.0,
+        f"every difference equals {mean:+.6g}: zero variance, so t is {'+' if mean > 0 else '-'}inf "
+        "and p = 0 (the limit); the same difference in every fold, but no spread to test it against",
+    )
+
+
+@dataclass(frozen=True)
+class CorrectedTTest(_Result):
+    """Corrected resampled t-test of the per-fold differences of a (repeated) k-fold CV."""
+
+    n: int
+    n_folds: int
+    n_repeats: int
+    mean_diff: float
+    sd_diff: float
+    n_train: float
+    n_test: float
+    se: float
+    """Corrected standard error sqrt((1/(k r) + n_test/n_train) * var(d))."""
+    t: float
+    df: int
+    p: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    t_uncorrected: float
+    p_uncorrected: float
+    """The naive t-test over folds (variance / (k r)), which ignores the overlap of training sets."""
+    note: str = ""
+
+
+def corrected_resampled_ttest(
+    differences: ArrayLike,
+    *,
+    n_train: float,
+    n_test: float,
+    n_folds: int,
+    n_repeats: int = 1,
+    confidence: float = 0.95,
+) -> CorrectedTTest:
+    """Two-sided corrected resampled t-test over the k * r fold differences of a repeated k-fold CV.
+
+    Args:
+        differences: first minus second backbone, one value per (repeat, fold) cell.
+        n_train: images a fold's model learned from, its validation part included (the
+            training folds); n_test: images of a test fold. Means over the folds when they differ.
+        n_folds, n_repeats: k and r.
+        confidence: level of the interval of the mean difference.
+
+    Notes:
+        Nadeau & Bengio (2003, Machine Learning 52:239-281) replace the naive variance of the
+        mean, var(d) / J, by (1/J + n_test/n_train) * var(d), because the J training sets
+        overlap and the differences are positively correlated; Bouckaert & Frank (2004,
+        PAKDD, LNCS 3056:3-12) apply it to r repeats of k-fold CV with J = k r:
+
+            t = mean(d) / sqrt((1/(k r) + n_test/n_train) * var(d)),  df = k r - 1,
+
+        var(d) with ddof = 1, p = 2 * P(T_df >= |t|), CI = mean(d) +- t_{(1+c)/2, df} * se.
+        With zero variance (every difference equal) t, p are the limits, stated in `note`:
+        t = 0, p = 1 when every difference is 0; t = +-inf, p = 0 otherwise.
+    """
+    diffs = _validate_cv_differences(differences, n_folds, n_repeats)
+    n_train, n_test = _validate_sizes(n_train, n_test)
+    confidence = _validate_confidence(confidence)
+    n = diffs.size
+    df = n - 1
+    mean = float(diffs.mean())
+    var = float(diffs.var(ddof=1))
+    se = math.sqrt((1.0 / n + n_test / n_train) * var)
+    if var == 0.0:
+        t, p, note = _degenerate_t(mean)
+        return CorrectedTTest(n, n_folds, n_repeats, mean, 0.0, n_train, n_test, 0.0, t, df, p, mean, mean,
+                              confidence, t, p, note)
+    t = mean / se
+    t_naive = mean / math.sqrt(var / n)
+    half = float(sps.t.ppf((1 + confidence) / 2, df)) * se
+    return CorrectedTTest(
+        n=n, n_folds=int(n_folds), n_repeats=int(n_repeats), mean_diff=mean, sd_diff=math.sqrt(var),
+        n_train=n_train, n_test=n_test, se=se, t=t, df=df, p=float(2 * sps.t.sf(abs(t), df)),
+        ci_low=mean - half, ci_high=mean + half, confidence=confidence,
+        t_uncorrected=t_naive, p_uncorrected=float(2 * sps.t.sf(abs(t_naive), df)),
+    )
+
+
+FIVE_BY_TWO = (5, 2)
+"""The design of Dietterich's test: 5 repeats of 2-fold CV."""
+
+
+@dataclass(frozen=True)
+class FiveByTwoTest(_Result):
+    """Dietterich's 5x2cv paired t-test and Alpaydin's combined 5x2cv F-test."""
+
+    t: float
+    df: int
+    p: float
+    f: float
+    f_df: tuple[int, int]
+    p_f: float
+    note: str = ""
+
+
+def five_by_two_cv_test(differences: ArrayLike) -> FiveByTwoTest:
+    """Both 5x2cv tests from the differences of 5 repeats x 2 folds.
+
+    Args:
+        differences: shape (5, 2): first minus second backbone, row = repeat, column = fold.
+
+    Notes:
+        Dietterich (1998, Neural Computation 10:1895-1923): with p_i^(j) the difference in fold
+        j of repeat i, pbar_i = (p_i^(1) + p_i^(2)) / 2 and s_i^2 = sum_j (p_i^(j) - pbar_i)^2,
+        t = p_1^(1) / sqrt(sum_i s_i^2 / 5) ~ t_5. Alpaydin (1999, Neural Computation
+        11:1885-1892) combines all ten differences: F = sum_ij (p_i^(j))^2 / (2 sum_i s_i^2)
+        ~ F(10, 5), one-sided (large F rejects). With sum_i s_i^2 = 0 both are limits, stated
+        in `note` (0 and p = 1 when every difference is 0, infinite and p = 0 otherwise).
+    """
+    table = np.asarray(differences, dtype=float)
+    if table.shape != FIVE_BY_TWO:
+        raise ValueError(f"the 5x2cv tests need differences of shape (5 repeats, 2 folds), got {table.shape}")
+    if not np.all(np.isfinite(table)):
+        raise ValueError(f"differences contain NaN or infinite values: {table.tolist()}")
+    s2 = ((table - table.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)
+    total = float(s2.sum())
+    squares = float((table**2).sum())
+    if total == 0.0:
+        first = float(table[0, 0])
+        t = 0.0 if first == 0.0 else math.copysign(math.inf, first)
+        f = 0.0 if squares == 0.0 else math.inf
+        note = ("every difference is 0" if squares == 0.0 else
+                "both folds of every repeat have the same difference: zero variance, limits reported")
+        return FiveByTwoTest(t, 5, 1.0 if t == 0.0 else 0.0, f, (10, 5), 1.0 if f == 0.0 else 0.0, note)
+    t = float(table[0, 0]) / math.sqrt(total / 5)
+    f = squares / (2 * total)
+    return FiveByTwoTest(t, 5, float(2 * sps.t.sf(abs(t), 5)), f, (10, 5), float(sps.f.sf(f, 10, 5)))

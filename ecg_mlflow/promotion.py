@@ -5,15 +5,23 @@ refuses a difference that is not significant after Bonferroni (unless forced), a
 the winning backbone's train run with the best VALIDATION metric: the test set already
 decided the comparison, so choosing a seed by it would report an optimistic test score.
 `register_version` and `move_champion` change the registry; none of these open a run.
+
+After a cross-validated study (analysis param `cv` > 0) no train run of the study is the model
+to serve: each fold's model saw (k-1)/k of the images and was scored on the folds that decided
+the comparison. The plan then names a FINAL model instead: the winner trained once more with the
+study's configuration on its fixed split (split policy, seed FINAL_SEED), from the feature cache
+the study filled. `train_final_model` trains it as a train run tagged `ecg.final_of` = the
+analysis run; a later promotion of the same analysis reuses that run.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
 from ecg_mlflow import schema
+from ecg_mlflow.config import TrainConfig, resolve_train_config
 from ecg_mlflow.parsing import ConfigError, parse_bool
 from ecg_mlflow.tracking.search import (
     LATEST, RunNotFound, filter_quote, find_experiment_id, find_run_of_role, latest_run_of_role, search_all_runs,
@@ -31,6 +39,12 @@ REGISTERED_MODEL_DESCRIPTION = (
     f"Alias `{schema.CHAMPION_ALIAS}` is the promoted model, `{schema.PREVIOUS_CHAMPION_ALIAS}` "
     "the one it replaced."
 )
+
+
+FINAL_SEED = 1
+"""Seed of the final model trained after a cross-validated study."""
+TAG_FINAL_OF = "ecg.final_of"
+"""On a final model's train run: the analysis run of the cross-validated study it serves."""
 
 
 class PromotionError(ValueError):
@@ -62,6 +76,14 @@ class PromotionPlan:
     existing_version: str | None = None
     """The version that already serves `source_run_id`, if any (no new version then)."""
     notes: tuple[str, ...] = field(default=())
+    final_config: TrainConfig | None = None
+    """After a cross-validated study: what the final model trains with (else None)."""
+    cv: int = 0
+
+    @property
+    def needs_training(self) -> bool:
+        """A final model is due and none was trained for this analysis yet."""
+        return self.final_config is not None and not self.source_run_id
 
     @property
     def p_bonferroni(self) -> float | None:
@@ -214,8 +236,11 @@ def plan_promotion(
     study = run.data.params.get(schema.PARAM_STUDY_RUN_ID) or run.data.tags.get(schema.TAG_STUDY)
     if not study:
         raise PromotionError(f"analysis run {run.info.run_id} names no study ({schema.PARAM_STUDY_RUN_ID})")
-    source, n = select_source_run(client, run.info.experiment_id, study, winner, metric)
     notes = () if significant else (f"forced: {metric} difference not significant",)
+    folds = cv_folds(run)
+    if folds:
+        return plan_final_model(client, run, study, winner, other, metric, model_name, significant, force, notes)
+    source, n = select_source_run(client, run.info.experiment_id, study, winner, metric)
     return PromotionPlan(
         model_name=model_name, metric=metric, analysis_run_id=run.info.run_id, study_run_id=study,
         arch=winner, other_arch=other, significant=significant, forced=force and not significant,
@@ -224,6 +249,88 @@ def plan_promotion(
         source_metrics=dict(source.data.metrics), n_candidates=n,
         existing_version=existing_version(client, model_name, source.info.run_id), notes=notes,
     )
+
+
+def cv_folds(analysis: Run) -> int:
+    """Folds of the study an analysis run analysed (0: the fixed split)."""
+    try:
+        return int(analysis.data.params.get(schema.PARAM_CV, "0") or 0)
+    except ValueError:
+        raise PromotionError(f"analysis run {analysis.info.run_id} has a non-integer param "
+                             f"{schema.PARAM_CV}={analysis.data.params[schema.PARAM_CV]!r}") from None
+
+
+def final_config(client: MlflowClient, study_run_id: str, arch: str) -> TrainConfig:
+    """The study's training configuration for `arch` and FINAL_SEED, from the study run's params."""
+    params = client.get_run(study_run_id).data.params
+    raw = {f.name: params[f.name] for f in fields(TrainConfig) if f.name in params and f.name not in ("arch", "seed")}
+    try:
+        config = resolve_train_config(arch=arch, seed=str(FINAL_SEED), **raw)
+    except ConfigError as exc:
+        raise PromotionError(f"study run {study_run_id}: its configuration cannot be trained again: {exc}") from None
+    return replace(config, log_model=True)  # the fold models need none; the served model does
+
+
+def final_command(config: TrainConfig, experiment: str) -> str:
+    """The `ecg-mlflow train` line that trains the same final model by hand."""
+    import shlex
+
+    words = ["ecg-mlflow", "train"]
+    for key, value in config.as_params().items():
+        if value != "":
+            words += ["--" + key.replace("_", "-"), value]
+    return shlex.join(words + ["--experiment", experiment])
+
+
+def find_final_run(client: MlflowClient, experiment_id: str, analysis_run_id: str, arch: str) -> Run | None:
+    """The finished final model of `arch` trained for this analysis, if any (the newest)."""
+    runs = search_all_runs(client, experiment_id, (
+        f"tags.`{TAG_FINAL_OF}` = {filter_quote(analysis_run_id)} and params.arch = {filter_quote(arch)} and "
+        f"attributes.status = 'FINISHED'"))
+    return max(runs, key=lambda r: r.info.start_time or 0) if runs else None
+
+
+def plan_final_model(client: MlflowClient, run: Run, study: str, winner: str, other: str, metric: str,
+                     model_name: str, significant: bool, force: bool, notes: tuple[str, ...]) -> PromotionPlan:
+    """The plan after a cross-validated study: the winner's final model, trained or to train."""
+    config = final_config(client, study, winner)
+    final = find_final_run(client, run.info.experiment_id, run.info.run_id, winner)
+    folds = cv_folds(run)
+    notes = notes + (f"cross-validated study ({folds} folds): promoting a final {winner} model trained with the "
+                     f"study's configuration on its fixed split, seed {FINAL_SEED}",)
+    return PromotionPlan(
+        model_name=model_name, metric=metric, analysis_run_id=run.info.run_id, study_run_id=study,
+        arch=winner, other_arch=other, significant=significant, forced=force and not significant,
+        p_values=_p_values(run), source_run_id=final.info.run_id if final else "",
+        source_params=dict(final.data.params) if final else config.as_params(),
+        source_metrics=dict(final.data.metrics) if final else {}, n_candidates=0,
+        existing_version=existing_version(client, model_name, final.info.run_id) if final else None,
+        notes=notes, final_config=config, cv=folds,
+    )
+
+
+def train_final_model(plan: PromotionPlan, *, progress: bool = True) -> PromotionPlan:
+    """Train the plan's final model as a nested train run of the active (promote) run; the
+    plan with that run as its source."""
+    import mlflow
+
+    from ecg_mlflow.tracking.runs import end_run_on_error
+    from ecg_mlflow.train import load_dataset, run_name, train_and_log
+
+    config = plan.final_config
+    if config is None:
+        raise PromotionError("this promotion needs no final model: its study was not cross-validated")
+    manifest = load_dataset(config.data, progress=progress)
+    tags = {schema.TAG_ROLE: schema.ROLE_TRAIN, TAG_FINAL_OF: plan.analysis_run_id}
+    run = mlflow.start_run(run_name=f"{run_name(config)}-final", nested=True, tags=tags)
+    try:
+        result = train_and_log(config, manifest=manifest, progress=progress)
+    except BaseException as exc:
+        end_run_on_error(exc)
+        raise
+    mlflow.end_run(status="FINISHED")
+    params = mlflow.MlflowClient().get_run(run.info.run_id).data.params
+    return replace(plan, source_run_id=run.info.run_id, source_params=dict(params), source_metrics=dict(result.metrics))
 
 
 def version_tags(plan: PromotionPlan, promote_run_id: str) -> dict[str, str]:
@@ -266,11 +373,17 @@ def version_description(plan: PromotionPlan) -> str:
         f"NOT significantly better than {plan.other_arch} on {plan.metric} ({p_text}); promoted with force"
     )
     size = f"{plan.source_params.get('image_height', '?')}x{plan.source_params.get('image_width', '?')}"
+    chosen = (
+        f"After the {plan.cv}-fold cross-validation this final model was trained with the study's "
+        f"configuration on its fixed split (seed {plan.seed}); the cross-validated estimate is the "
+        f"study's, this test set took part in the comparison."
+        if plan.cv else
+        f"This seed had the best validation {plan.metric} ({m.get(plan.val_metric, float('nan')):.3f}) of "
+        f"{plan.n_candidates} {plan.arch} runs."
+    )
     return (
         f"{plan.arch} (seed {plan.seed}, train run {plan.source_run_id}): {verdict}, according to "
-        f"analysis run {plan.analysis_run_id} of study {plan.study_run_id}. This seed had the best "
-        f"validation {plan.metric} ({m.get(plan.val_metric, float('nan')):.3f}) of "
-        f"{plan.n_candidates} {plan.arch} runs. Test set: {test}. Input images are resized to "
+        f"analysis run {plan.analysis_run_id} of study {plan.study_run_id}. {chosen} Test set: {test}. Input images are resized to "
         f"{size} (crop {plan.source_params.get('crop', 'none')}), weights "
         f"{plan.source_params.get('weights', '?')}."
     )

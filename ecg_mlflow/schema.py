@@ -56,6 +56,13 @@ entry-point values are logged first and cannot be overwritten, and `head_config`
 
 # Study runs
 TAG_STUDY_KEY = "ecg.study_key"
+TAG_FOLD = "ecg.fold"
+"""On the train runs of a cross-validated study: the test fold, 0..cv-1."""
+TAG_REPEAT = "ecg.repeat"
+"""On the train runs of a cross-validated study: the repeat, 0..cv_repeats-1."""
+PARAM_CV = "cv"
+"""Study param: folds of the cross-validation; 0 is the fixed split."""
+PARAM_CV_REPEATS = "cv_repeats"
 TAG_SUPERSEDED_BY = "ecg.superseded_by"
 TAG_ADOPTED_FROM = "ecg.adopted_from"
 
@@ -171,6 +178,19 @@ PARAM_BOOTSTRAP_SEED = "bootstrap_seed"
 PARAM_N_TEST_IMAGES = "n_test_images"
 
 STAT_MEAN_DIFF = "mean_diff"
+CV_DIFF_MEAN = "diff_mean"
+CV_T_CORRECTED = "t_corrected"
+CV_P_CORRECTED = "p_corrected"
+CV_P_CORRECTED_BONFERRONI = "p_corrected_bonferroni"
+CV_CI_LOW = "ci_low"
+CV_CI_HIGH = "ci_high"
+CV_P_UNCORRECTED = "p_uncorrected"
+CV_T_5X2 = "t_5x2cv"
+CV_P_5X2 = "p_5x2cv"
+CV_F_5X2 = "f_5x2cv"
+CV_P_F_5X2 = "p_f_5x2cv"
+CV_OOF_FIRST = "oof_first"
+CV_OOF_SECOND = "oof_second"
 STAT_P_TTEST = "p_ttest"
 STAT_P_BONFERRONI = "p_bonferroni"
 STAT_P_WILCOXON = "p_wilcoxon"
@@ -207,6 +227,23 @@ def winner_tag(metric: str) -> str:
 def significant_tag(metric: str) -> str:
     """`significant_tag("accuracy") -> "significant_accuracy"`."""
     return f"significant_{metric}"
+
+
+def cv_metric(metric: str, stat: str) -> str:
+    """`cv_metric("accuracy", CV_P_CORRECTED) -> "cv_accuracy_p_corrected"`: the analysis run
+    of a cross-validated study."""
+    return f"cv_{metric}_{stat}"
+
+
+ARTIFACT_OOF_CONFUSION_JSON = "oof_confusion.json"
+ARTIFACT_OOF_CONFUSION_PNG = "oof_confusion.png"
+CV_ANALYSIS_ARTIFACTS: tuple[str, ...] = (
+    ARTIFACT_RESULTS_CSV,
+    ARTIFACT_RESULTS_JSON,
+    ARTIFACT_REPORT,
+    ARTIFACT_OOF_CONFUSION_JSON,
+    ARTIFACT_OOF_CONFUSION_PNG,
+)
 
 
 def stat_metric(metric: str, stat: str) -> str:

@@ -7,6 +7,10 @@ its key: the data digest, the backbones and every training parameter except the 
 (and where data and cache live). Rerunning a study with the same key opens a new parent
 run and adopts the FINISHED child runs of earlier parents with that key instead of
 training them again; only missing or failed pairs train.
+
+With `cv` > 0 the grid is (arch, repeat, fold) instead of (arch, seed): every image is tested
+once per repeat (see ecg_mlflow.data.folds for the folds and the seed of each cell), the child
+runs are tagged `ecg.repeat` and `ecg.fold`, and cv and cv_repeats are part of the key.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ from typing import Callable, Sequence
 from ecg_mlflow import schema
 from ecg_mlflow.model.backbones import BACKBONES
 from ecg_mlflow.config import ConfigError, TrainConfig, head_config_digest, parse_seeds  # noqa: F401 (re-exported)
+from ecg_mlflow.data.folds import Fold, make_folds
 from ecg_mlflow.data.manifest import Manifest
+from ecg_mlflow.parsing import parse_int
 from ecg_mlflow.tracking.search import filter_quote
+from ecg_mlflow.train import run_name
 
 
 
@@ -37,12 +44,69 @@ def parse_archs(text: str) -> tuple[str, ...]:
     return archs
 
 
-def study_key(archs: Sequence[str], config: TrainConfig, data_digest: str) -> str:
-    """Identity of a study: same key, same experiment (seeds may be added)."""
+MAX_FOLDS = 100
+MAX_REPEATS = 100
+
+
+def parse_cv(raw) -> int:
+    """Folds of the cross-validation: 0 (the fixed split, as the paper) or 2..MAX_FOLDS."""
+    folds = parse_int(schema.PARAM_CV, raw, minimum=0, maximum=MAX_FOLDS)
+    if folds == 1:
+        raise ConfigError(f"cv must be 0 (the fixed split) or at least 2 folds, got {raw!r}")
+    return folds
+
+
+def parse_cv_repeats(raw) -> int:
+    return parse_int(schema.PARAM_CV_REPEATS, raw, minimum=1, maximum=MAX_REPEATS)
+
+
+def study_key(archs: Sequence[str], config: TrainConfig, data_digest: str, cv: int = 0, cv_repeats: int = 1) -> str:
+    """Identity of a study: same key, same experiment (seeds may be added). A fixed-split
+    study (cv = 0) keeps the key it had before cross-validation existed."""
     params = {k: v for k, v in config.as_params().items() if k not in schema.STUDY_KEY_EXEMPT_PARAMS}
     params["head_config"] = head_config_digest(config)  # the head's content, not the file's path
+    if cv:
+        params.update({schema.PARAM_CV: str(cv), schema.PARAM_CV_REPEATS: str(cv_repeats)})
     blob = json.dumps({"archs": list(archs), "params": params, "data": data_digest}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class StudyCell:
+    """One child run of the grid: a backbone, its seed and, in a cross-validation, its fold."""
+
+    arch: str
+    seed: int
+    fold: Fold | None = None
+
+    def name_suffix(self) -> str:
+        """What follows the run name `resnet50-s3`: `-r0-f2` for fold 2 of repeat 0."""
+        return "" if self.fold is None else f"-r{self.fold.repeat}-f{self.fold.fold}"
+
+    def config(self, base: TrainConfig) -> TrainConfig:
+        return replace(base, arch=self.arch, seed=self.seed)
+
+    def run_name(self) -> str:
+        """`resnet50-s3`, and `resnet50-s3-r0-f2` for fold 2 of repeat 0."""
+        return run_name(TrainConfig(arch=self.arch, seed=self.seed)) + self.name_suffix()
+
+    def tags(self) -> dict[str, str]:
+        if self.fold is None:
+            return {}
+        return {schema.TAG_REPEAT: str(self.fold.repeat), schema.TAG_FOLD: str(self.fold.fold)}
+
+
+def study_cells(archs: Sequence[str], seeds: Sequence[int], manifest: Manifest, policy: str,
+                cv: int = 0, cv_repeats: int = 1) -> list[StudyCell]:
+    """The grid in training order (backbone-major: one backbone pass per image per backbone);
+    with cv > 0 the seeds are those of the (repeat, fold) cells. ConfigError names cv."""
+    if not cv:
+        return [StudyCell(arch, seed) for arch in archs for seed in seeds]
+    try:
+        folds = make_folds(manifest, policy, cv, cv_repeats)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return [StudyCell(arch, fold.seed, fold) for arch in archs for fold in folds]
 
 
 @dataclass
@@ -115,8 +179,11 @@ def run_study(
     *,
     say: Callable[[str], None] = print,
     progress: bool = True,
+    cv: int = 0,
+    cv_repeats: int = 1,
 ) -> StudyOutcome:
-    """Train every missing (arch, seed) pair as a child of the ACTIVE run (the parent)."""
+    """Train every missing (arch, seed) pair, or with cv > 0 every missing (arch, repeat,
+    fold) cell, as a child of the ACTIVE run (the parent)."""
     import mlflow
 
     from ecg_mlflow.tracking.params import log_unlogged_params
@@ -126,24 +193,27 @@ def run_study(
         raise RuntimeError("run_study needs an active MLflow parent run")
     client = mlflow.MlflowClient()
     parent_id = parent.info.run_id
-    key = study_key(archs, base, manifest.digest)
+    cells = study_cells(archs, seeds, manifest, base.split, cv, cv_repeats)
+    key = study_key(archs, base, manifest.digest, cv, cv_repeats)
     mlflow.set_tags({schema.TAG_ROLE: schema.ROLE_STUDY, schema.TAG_STUDY_KEY: key})
-    params = {**base.as_params(), schema.PARAM_ARCHS: ",".join(archs), schema.PARAM_SEEDS: ",".join(map(str, seeds)),
-              schema.PARAM_DATA_DIGEST: manifest.digest}
+    cell_seeds = sorted({cell.seed for cell in cells})
+    params = {**base.as_params(), schema.PARAM_ARCHS: ",".join(archs), schema.PARAM_SEEDS: ",".join(map(str, cell_seeds)),
+              schema.PARAM_DATA_DIGEST: manifest.digest, schema.PARAM_CV: str(cv),
+              schema.PARAM_CV_REPEATS: str(cv_repeats)}
     log_unlogged_params(parent_id, {k: v for k, v in params.items() if k not in ("arch", "seed")})
 
     earlier = _earlier_finished_runs(client, parent.info.experiment_id, key, parent_id)
-    status = StudyProgress(total=len(archs) * len(seeds))
+    status = StudyProgress(total=len(cells))
     outcome = _Tally(status, say, parent_id)
     for arch in archs:  # backbone-major order: one backbone pass per image per backbone
         missing = []
-        for seed in seeds:
-            if (arch, seed) in earlier:
-                outcome.adopt(client, earlier[(arch, seed)], replace(base, arch=arch, seed=seed))
+        for cell in (c for c in cells if c.arch == arch):
+            if (arch, cell.seed) in earlier:
+                outcome.adopt(client, earlier[(arch, cell.seed)], cell)
             else:
-                missing.append(replace(base, arch=arch, seed=seed))
+                missing.append(cell)
         if missing:
-            _train_seeds_together(missing, manifest, outcome, progress=progress)
+            _train_cells_together(missing, base, manifest, outcome, progress=progress)
     mlflow.log_metrics({"runs_trained": len(outcome.trained), "runs_reused": len(outcome.adopted),
                         "runs_failed": len(outcome.failed)})
     return StudyOutcome(tuple(outcome.trained), tuple(outcome.adopted), tuple(outcome.failed))
@@ -160,89 +230,82 @@ class _Tally:
     adopted: list[str] = field(default_factory=list)
     failed: list[tuple[str, int, str]] = field(default_factory=list)
 
-    def adopt(self, client, run, config: TrainConfig) -> None:
-        from ecg_mlflow.train import run_name
-
+    def adopt(self, client, run, cell: StudyCell) -> None:
         adopt_run(client, run, self.parent_id)
         self.adopted.append(run.info.run_id)
         self.status.done += 1
-        self.say(self.status.line(f"{run_name(config)} already finished in run {run.info.run_id}: reused"))
+        self.say(self.status.line(f"{cell.run_name()} already finished in run {run.info.run_id}: reused"))
 
-    def fail(self, config: TrainConfig, exc: BaseException) -> None:
-        from ecg_mlflow.train import run_name
-
-        self.failed.append((config.arch, config.seed, f"{type(exc).__name__}: {exc}"))
+    def fail(self, cell: StudyCell, exc: BaseException) -> None:
+        self.failed.append((cell.arch, cell.seed, f"{type(exc).__name__}: {exc}"))
         self.status.done += 1
-        self.say(self.status.line(f"{run_name(config)} FAILED: {type(exc).__name__}: {exc}"))
+        self.say(self.status.line(f"{cell.run_name()} FAILED: {type(exc).__name__}: {exc}"))
 
-    def finish(self, config: TrainConfig, run_id: str, seconds: float) -> None:
-        from ecg_mlflow.train import run_name
-
+    def finish(self, cell: StudyCell, run_id: str, seconds: float) -> None:
         self.trained.append(run_id)
         self.status.done += 1
         self.status.trained_seconds.append(seconds)
-        self.say(self.status.line(f"{run_name(config)} finished in {seconds:.1f} s"))
+        self.say(self.status.line(f"{cell.run_name()} finished in {seconds:.1f} s"))
 
 
-def _train_seeds_together(configs: Sequence[TrainConfig], manifest: Manifest, tally: _Tally, *,
+def _train_cells_together(cells: Sequence[StudyCell], base: TrainConfig, manifest: Manifest, tally: _Tally, *,
                           progress: bool) -> None:
-    """Prepare each seed, train their heads in one computation, then log each seed as its
-    own child run. A seed that fails to prepare or log fails alone; a failed joint
-    training fails the seeds it trained. A study killed here logged nothing of these
-    seeds, so its rerun trains them again (and only them)."""
+    """Prepare each cell (its seed's split, or its fold), train their heads in one
+    computation, then log each as its own child run. A cell that fails to prepare or log
+    fails alone; a failed joint training fails the cells it trained. A study killed here
+    logged nothing of these cells, so its rerun trains them again (and only them)."""
     from ecg_mlflow.train import prepare_run, train_prepared_together
 
     prepared = []
-    for config in configs:
+    for cell in cells:
         try:
-            prepared.append(prepare_run(config, manifest, progress=progress))
+            prepared.append((cell, prepare_run(cell.config(base), manifest, progress=progress,
+                                               split=cell.fold.split if cell.fold else None)))
         except Exception as exc:  # one failed pair must not lose the others
-            _record_failed_run(config, exc, tally)
+            _record_failed_run(cell, exc, tally)
     if not prepared:
         return
     try:
-        trained = train_prepared_together(prepared)
+        trained = train_prepared_together([run for _, run in prepared])
     except Exception as exc:
-        for run in prepared:
-            _record_failed_run(run.config, exc, tally)
+        for cell, _ in prepared:
+            _record_failed_run(cell, exc, tally)
         return
-    for run, head in zip(prepared, trained):
-        _log_child_run(run, head, tally, progress=progress)
+    for (cell, run), head in zip(prepared, trained):
+        _log_child_run(cell, run, head, tally, progress=progress)
 
 
-def _start_child(config: TrainConfig, parent_id: str):
+def _start_child(cell: StudyCell, parent_id: str):
     import mlflow
 
-    from ecg_mlflow.train import run_name
-
-    tags = {schema.TAG_ROLE: schema.ROLE_TRAIN, schema.TAG_STUDY: parent_id}
-    return mlflow.start_run(run_name=run_name(config), nested=True, tags=tags)
+    tags = {schema.TAG_ROLE: schema.ROLE_TRAIN, schema.TAG_STUDY: parent_id, **cell.tags()}
+    return mlflow.start_run(run_name=cell.run_name(), nested=True, tags=tags)
 
 
-def _record_failed_run(config: TrainConfig, exc: Exception, tally: _Tally) -> None:
-    """A FAILED child run for a pair that could not train, so the rerun retries it."""
-    _start_child(config, tally.parent_id)
+def _record_failed_run(cell: StudyCell, exc: Exception, tally: _Tally) -> None:
+    """A FAILED child run for a cell that could not train, so the rerun retries it."""
+    _start_child(cell, tally.parent_id)
     _end_child_on_error(exc)
-    tally.fail(config, exc)
+    tally.fail(cell, exc)
 
 
-def _log_child_run(run, trained, tally: _Tally, *, progress: bool) -> None:
-    """One seed's child run, logged exactly as `train_and_log` logs a run."""
+def _log_child_run(cell: StudyCell, run, trained, tally: _Tally, *, progress: bool) -> None:
+    """One cell's child run, logged exactly as `train_and_log` logs a run."""
     import mlflow
 
     from ecg_mlflow.train import log_run_inputs, log_run_outcome
 
     start = time.perf_counter()
-    child = _start_child(run.config, tally.parent_id)
+    child = _start_child(cell, tally.parent_id)
     try:
         log_run_inputs(run)
         log_run_outcome(run, trained, progress=progress)
     except BaseException as exc:
         _end_child_on_error(exc)
-        tally.fail(run.config, exc)
+        tally.fail(cell, exc)
         return
     mlflow.end_run(status="FINISHED")
-    tally.finish(run.config, child.info.run_id, trained.seconds + time.perf_counter() - start)
+    tally.finish(cell, child.info.run_id, trained.seconds + time.perf_counter() - start)
 
 
 def _end_child_on_error(exc: BaseException) -> None:

@@ -56,12 +56,14 @@ def load_dataset(data: str, *, progress: bool = True) -> Manifest:
 
 
 def train_and_log(
-    config: TrainConfig, *, manifest: Manifest | None = None, progress: bool = True
+    config: TrainConfig, *, manifest: Manifest | None = None, progress: bool = True,
+    split: Split | None = None,
 ) -> TrainResult:
-    """Train one head on cached features and log the run schema into the active run."""
+    """Train one head on cached features and log the run schema into the active run.
+    `split` (a cross-validation fold) replaces the split `config.split` would draw."""
     _require_active_run("train_and_log")
     manifest = manifest if manifest is not None else load_dataset(config.data, progress=progress)
-    run = prepare_run(config, manifest, progress=progress)
+    run = prepare_run(config, manifest, progress=progress, split=split)
     log_run_inputs(run)
     return log_run_outcome(run, train_prepared(run), progress=progress)
 
@@ -87,10 +89,12 @@ class TrainedHead:
     seconds: float
 
 
-def prepare_run(config: TrainConfig, manifest: Manifest, *, progress: bool = True) -> PreparedRun:
-    """Split, leakage and features of a run; `config` is what config.resolve_train_config
-    settled (head_config applied), and it is logged as it is."""
-    split = make_split(manifest, config.split, config.seed)
+def prepare_run(config: TrainConfig, manifest: Manifest, *, progress: bool = True,
+                split: Split | None = None) -> PreparedRun:
+    """Split (the one `config.split` draws, unless a fold's `split` is given), leakage and
+    features of a run; `config` is what config.resolve_train_config settled (head_config
+    applied), and it is logged as it is."""
+    split = split if split is not None else make_split(manifest, config.split, config.seed)
     leakage = measure_leakage(manifest, split)
     return PreparedRun(config, manifest, split, leakage, prepare_features(config, manifest, split, progress=progress))
 

@@ -285,3 +285,104 @@ def test_bootstrap_macro_averages_over_all_classes_like_training():
             true, second[0], average="macro", labels=range(4), zero_division=0
         )
         assert got[metric].observed_diff == pytest.approx(expected, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- cross-validation
+
+from analysis.stats import corrected_resampled_ttest, five_by_two_cv_test  # noqa: E402
+
+CV_DIFFS = [0.02, 0.05, -0.01, 0.04, 0.03]
+"""A hand-made 5-fold CV: accuracy of backbone A minus B per fold; folds of 185 test images,
+740 training images (validation included), so n_test / n_train = 0.25."""
+
+
+def test_corrected_resampled_ttest_by_hand():
+    # mean(d) = 0.13 / 5 = 0.026; deviations -0.006, 0.024, -0.036, 0.014, 0.004;
+    # squares sum to 3.6e-5 + 5.76e-4 + 1.296e-3 + 1.96e-4 + 1.6e-5 = 2.12e-3; var = 2.12e-3 / 4 = 5.3e-4.
+    # se = sqrt((1/5 + 185/740) * 5.3e-4) = sqrt(0.45 * 5.3e-4) = sqrt(2.385e-4) = 0.0154434452
+    # t = 0.026 / 0.0154434452 = 1.6835622, df = 4
+    # p = 2 * scipy.stats.t.sf(1.6835622, 4) = 0.16755322
+    # 98.75% CI: t_{0.99375, 4} = scipy.stats.t.ppf(0.99375, 4) = 4.3146560;
+    #   0.026 -+ 4.3146560 * 0.0154434452 = [-0.0406332, 0.0926332]
+    # naive: se = sqrt(5.3e-4 / 5) = 0.0102956, t = 2.5253432 (= scipy.stats.ttest_1samp), p = 0.0649859
+    result = corrected_resampled_ttest(CV_DIFFS, n_train=740, n_test=185, n_folds=5, confidence=0.9875)
+    assert result.mean_diff == pytest.approx(0.026, abs=1e-15)
+    assert result.sd_diff**2 == pytest.approx(5.3e-4, rel=1e-12)
+    assert result.se == pytest.approx(math.sqrt(2.385e-4), rel=1e-12)
+    assert result.t == pytest.approx(1.6835622, abs=1e-7)
+    assert result.df == 4
+    assert result.p == pytest.approx(0.16755322, abs=1e-8)
+    assert result.p == pytest.approx(2 * sps.t.sf(0.026 / math.sqrt(2.385e-4), 4), rel=1e-12)
+    assert (result.ci_low, result.ci_high) == (pytest.approx(-0.0406332, abs=1e-7), pytest.approx(0.0926332, abs=1e-7))
+    assert result.t_uncorrected == pytest.approx(2.5253432, abs=1e-7)
+    assert result.p_uncorrected == pytest.approx(0.0649859, abs=1e-7)
+    assert result.note == ""
+    frame = result.to_frame()
+    assert list(frame["t"]) == [result.t]
+
+
+def test_corrected_ttest_without_overlap_is_the_one_sample_ttest():
+    """n_test / n_train -> 0 leaves 1/J: the ordinary t-test over the k r differences (scipy)."""
+    diffs = np.array([0.03, -0.01, 0.02, 0.04, 0.0, 0.01, 0.05, 0.02, -0.02, 0.03])
+    result = corrected_resampled_ttest(diffs, n_train=1e12, n_test=1e-6, n_folds=5, n_repeats=2)
+    reference = sps.ttest_1samp(diffs, 0.0)
+    assert result.df == 9 == reference.df
+    assert result.t == pytest.approx(reference.statistic, rel=1e-9)
+    assert result.p == pytest.approx(reference.pvalue, rel=1e-9)
+    assert result.t == pytest.approx(result.t_uncorrected, rel=1e-9)
+    # Bouckaert & Frank: 10 x 10 differences -> J = 100, df = 99; the correction only widens
+    wide = corrected_resampled_ttest(np.tile(diffs, 10), n_train=740, n_test=185, n_folds=10, n_repeats=10)
+    assert wide.df == 99 and abs(wide.t) < abs(wide.t_uncorrected) and wide.p > wide.p_uncorrected
+    assert wide.t == pytest.approx(diffs.mean() / math.sqrt((1 / 100 + 0.25) * np.tile(diffs, 10).var(ddof=1)))
+
+
+def test_corrected_ttest_degenerate_differences_say_so():
+    zero = corrected_resampled_ttest([0.0, 0.0, 0.0], n_train=20, n_test=10, n_folds=3)
+    assert (zero.t, zero.p, zero.ci_low, zero.ci_high) == (0.0, 1.0, 0.0, 0.0)
+    assert "every difference is 0" in zero.note
+    same = corrected_resampled_ttest([0.02, 0.02], n_train=20, n_test=20, n_folds=2)
+    assert same.t == math.inf and same.p == 0.0 and same.mean_diff == pytest.approx(0.02)
+    assert "zero variance" in same.note and "+0.02" in same.note
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"differences": [0.1, 0.2, 0.3], "n_folds": 2}, r"2 = 2, got 3"),
+    ({"differences": [0.1, math.nan], "n_folds": 2}, "NaN"),
+    ({"differences": [0.1, 0.2], "n_folds": 1, "n_repeats": 2}, "n_folds must be an integer >= 2"),
+    ({"differences": [0.1, 0.2], "n_folds": 2, "n_train": 0}, "n_train must be a positive number"),
+])
+def test_corrected_ttest_rejects_bad_input(kwargs, message):
+    args = {"n_train": 10, "n_test": 10, "n_repeats": 1, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        corrected_resampled_ttest(**args)
+
+
+FIVE_BY_TWO_DIFFS = [[0.03, 0.01], [0.02, 0.04], [-0.01, 0.01], [0.05, 0.01], [0.02, 0.00]]
+"""A hand-made 5x2cv table: rows are repeats, columns the two folds."""
+
+
+def test_five_by_two_cv_tests_by_hand():
+    # pbar_i = 0.02, 0.03, 0.00, 0.03, 0.01; s_i^2 = 2e-4, 2e-4, 2e-4, 8e-4, 2e-4; sum = 1.6e-3
+    # Dietterich: t = p_1^(1) / sqrt(1.6e-3 / 5) = 0.03 / sqrt(3.2e-4) = 1.6770510, df 5,
+    #   p = 2 * scipy.stats.t.sf(1.6770510, 5) = 0.15437725
+    # Alpaydin: sum p^2 = 9e-4 + 1e-4 + 4e-4 + 1.6e-3 + 1e-4 + 1e-4 + 2.5e-3 + 1e-4 + 4e-4 + 0 = 6.2e-3
+    #   F = 6.2e-3 / (2 * 1.6e-3) = 1.9375, p = scipy.stats.f.sf(1.9375, 10, 5) = 0.24106329
+    result = five_by_two_cv_test(FIVE_BY_TWO_DIFFS)
+    assert result.t == pytest.approx(0.03 / math.sqrt(3.2e-4), rel=1e-12)
+    assert result.t == pytest.approx(1.6770510, abs=1e-7)
+    assert result.df == 5 and result.p == pytest.approx(0.15437725, abs=1e-8)
+    assert result.f == pytest.approx(1.9375, rel=1e-12) and result.f_df == (10, 5)
+    assert result.p_f == pytest.approx(0.24106329, abs=1e-8)
+    # on the same table the corrected resampled t-test (J = 10, n_test / n_train = 1 for 2 folds)
+    # is a different statistic with the same sign: both see a small positive difference
+    corrected = corrected_resampled_ttest(np.ravel(FIVE_BY_TWO_DIFFS), n_train=100, n_test=100, n_folds=2, n_repeats=5)
+    assert corrected.mean_diff == pytest.approx(0.018) and 0 < corrected.t < result.t
+
+
+def test_five_by_two_degenerate_and_bad_shapes():
+    zero = five_by_two_cv_test(np.zeros((5, 2)))
+    assert (zero.t, zero.p, zero.f, zero.p_f) == (0.0, 1.0, 0.0, 1.0) and zero.note
+    flat = five_by_two_cv_test(np.full((5, 2), 0.01))
+    assert flat.t == math.inf and flat.p == 0.0 and flat.p_f == 0.0
+    with pytest.raises(ValueError, match=r"shape \(5 repeats, 2 folds\)"):
+        five_by_two_cv_test(np.zeros((2, 5)))

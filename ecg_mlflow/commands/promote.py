@@ -26,12 +26,14 @@ def promote(experiment: str, analysis_run: str, metric: str, model_name: str, fo
 
     Exits 1 without touching the registry when the analysis did not find the winner
     significantly better on METRIC (unless --force). Promoting the same run again creates no
-    new version.
+    new version. After a cross-validated study it first trains the winner's final model with
+    the study's configuration (once per analysis run; a rerun reuses it).
     """
     from mlflow import MlflowClient
 
     from ecg_mlflow.promotion import (
-        PromotionError, PromotionRefused, move_champion, plan_promotion, register_version,
+        PromotionError, PromotionRefused, final_command, move_champion, plan_promotion, register_version,
+        train_final_model,
     )
     from ecg_mlflow.serving.packaging import log_serving_model
 
@@ -60,7 +62,13 @@ def promote(experiment: str, analysis_run: str, metric: str, model_name: str, fo
                          {schema.TAG_ROLE: schema.ROLE_PROMOTE, schema.TAG_STUDY: plan.study_run_id}) as run:
             log_unlogged_params(run.info.run_id, {
                 "model_name": plan.model_name, "metric": plan.metric, "force": str(plan.forced).lower(),
-                "analysis_run_id": plan.analysis_run_id, "source_run_id": plan.source_run_id})
+                "analysis_run_id": plan.analysis_run_id})
+            trained_final = plan.needs_training
+            if trained_final:
+                click.echo(f"training the final {plan.arch} model: the same as "
+                           f"{final_command(plan.final_config, experiment)}")
+                plan = train_final_model(plan)
+            log_unlogged_params(run.info.run_id, {"source_run_id": plan.source_run_id})
             if plan.existing_version is not None:
                 version = plan.existing_version
                 outcome = "existing"
@@ -78,8 +86,12 @@ def promote(experiment: str, analysis_run: str, metric: str, model_name: str, fo
     verdict = "significantly better than" if plan.significant else "NOT significantly better than (forced)"
     p_text = f"Bonferroni p = {p:.4g}" if p is not None else "no finite p-value"
     click.echo(f"{plan.arch} {verdict} {plan.other_arch} on {plan.metric} ({p_text}; analysis run {plan.analysis_run_id})")
-    click.echo(f"source run {plan.source_run_id} (seed {plan.seed}): best {plan.val_metric} "
-               f"{plan.source_metrics[plan.val_metric]:.4f} of {plan.n_candidates} {plan.arch} runs")
+    if plan.cv:
+        click.echo(f"final model: train run {plan.source_run_id} ({plan.arch}, seed {plan.seed}, the study's "
+                   f"configuration), {'trained now' if trained_final else 'trained by an earlier promotion'}")
+    else:
+        click.echo(f"source run {plan.source_run_id} (seed {plan.seed}): best {plan.val_metric} "
+                   f"{plan.source_metrics[plan.val_metric]:.4f} of {plan.n_candidates} {plan.arch} runs")
     if outcome == "existing":
         click.echo(f"run {plan.source_run_id} is already version {version} of {plan.model_name}: no new version")
     else:
