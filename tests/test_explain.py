@@ -172,3 +172,37 @@ def test_occlusion_drops_only_regions_in_the_input(reports):
     for name in regions.TEXT_REGIONS:
         assert drops[0, regions.REGION_NAMES.index(name)] == 0
     assert np.abs(drops).sum() > 0
+
+
+@pytest.mark.parametrize("crop", ["none", "grid"])
+def test_a_train_run_logs_explanations_and_text_shares(tmp_path, tracking_uri, crop):
+    import mlflow
+    import pandas as pd
+
+    from ecg_mlflow import schema
+    from ecg_mlflow.config import parse_train_config
+    from ecg_mlflow.synth.reports import write_synthetic_dataset
+    from ecg_mlflow.train import train_and_log
+
+    data = write_synthetic_dataset(tmp_path / "demo", per_class=6, seed=0, width=442, height=314,
+                                   duplicates=0.0).out
+    config = parse_train_config(arch=ARCH, seed="1", data=str(data), weights="imagenet", image_height="64",
+                                image_width="128", max_epochs="3", crop=crop, cache_dir=str(tmp_path / "cache"),
+                                log_model="false")
+    mlflow.set_experiment(schema.DEFAULT_EXPERIMENT)
+    with mlflow.start_run():
+        result = train_and_log(config, progress=False)
+    run = mlflow.get_run(result.run_id)
+    assert set(schema.TEXT_SHARE_METRICS) <= set(run.data.metrics)
+    share = run.data.metrics[schema.METRIC_TEXT_SHARE]
+    assert 0.0 <= share <= 1.0 and (crop == "none" or share == 0.0)
+    files = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, schema.ARTIFACT_EXPLANATIONS)}
+    assert {schema.ARTIFACT_REGION_TABLE, schema.ARTIFACT_REGION_CHART} <= files
+    test_classes = set(pd.read_csv(mlflow.artifacts.download_artifacts(
+        run_id=result.run_id, artifact_path=schema.ARTIFACT_PREDICTIONS))[schema.COL_TRUE])
+    assert {schema.overlay_artifact(c, 1) for c in test_classes} <= files
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(
+        run_id=result.run_id, artifact_path=schema.ARTIFACT_REGION_TABLE))
+    assert len(table) == len(result.split.test)
+    assert [schema.attribution_column(s) for s in regions.REGION_SLUGS] == list(table.columns[-len(regions.REGIONS):])
+    np.testing.assert_allclose(table[schema.COL_TEXT_SHARE].mean(), share, rtol=1e-6)
