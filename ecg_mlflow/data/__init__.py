@@ -1,2 +1,2 @@
-"""Data layer: class folders, manifest, hashes, splits, preprocessing, the Mendeley download.
-Imports neither mlflow nor click."""
+"""Data layer: class folders, the manifest and its hashes, splits, preprocessing, the
+Mendeley download. Imports neither mlflow nor click."""
