@@ -173,12 +173,36 @@ def markdown_report(analysis: StudyAnalysis) -> str:
             for r in per_class.to_dict(orient="records")
         ]
         lines.append(_markdown_table(rows))
+    lines += _text_share_section(analysis)
     if analysis.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in analysis.warnings]
     lines += ["", "## Runs", ""]
     for arch, ids in analysis.run_ids.items():
         lines.append(f"- {arch}: " + ", ".join(f"seed {s}: `{i}`" for s, i in zip(analysis.seeds, ids)))
     return "\n".join(lines) + "\n"
+
+
+def _text_share_section(analysis: StudyAnalysis) -> list[str]:
+    """Both backbones' text attribution share side by side (mean over seeds [CI])."""
+    frame = analysis.text_share_frame()
+    if frame.empty:
+        return []
+    level = f"{analysis.confidence:.2%}"
+    rows = []
+    for cls in frame["class"].unique():
+        chosen = frame[frame["class"] == cls].set_index("arch")
+        rows.append({"true class": cls, **{
+            f"{arch} mean [{level} CI]": _mean_ci(chosen.loc[arch, "mean"], chosen.loc[arch, "ci_low"], chosen.loc[arch, "ci_high"])
+            for arch in analysis.archs}})
+    return [
+        "", "## Printed text", "",
+        f"`{schema.METRIC_TEXT_SHARE}`: per test image, the share of the positive Grad-CAM attribution "
+        "of the predicted class that lies on the printed header and footer (exam ID, heart rate), "
+        "averaged over the test images (of one true class); here the mean over seeds. 0 by "
+        "construction when the runs cropped to the grid. Attribution is not causation: see "
+        "docs/explanations.md.", "",
+        _markdown_table(rows),
+    ]
 
 
 def _bar_group(ax, labels: list[str], comparisons_or_values, archs: tuple[str, str]) -> np.ndarray:

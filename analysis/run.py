@@ -94,6 +94,8 @@ class StudyAnalysis:
     n_resamples: int
     bootstrap_seed: int
     warnings: tuple[str, ...]
+    text_shares: tuple[ClassSummary, ...] = ()
+    """Per backbone, the seeds' test_text_attribution_share (cls "all") and per true class."""
 
     @property
     def first(self) -> str:
@@ -146,6 +148,11 @@ class StudyAnalysis:
             [{"metric": p.metric, "class": p.cls, "arch": p.arch, **p.summary.to_dict()} for p in self.per_class]
         )
 
+    def text_share_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            [{"class": p.cls, "arch": p.arch, **p.summary.to_dict()} for p in self.text_shares]
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """results.json."""
         return {
@@ -169,6 +176,7 @@ class StudyAnalysis:
             "mcnemar": self.mcnemar.to_dict(),
             "mcnemar_correctness": "seed ensemble: argmax of the mean probabilities over seeds",
             "per_class": [_json_safe(r) for r in self.per_class_frame().to_dict(orient="records")],
+            "text_attribution_share": [_json_safe(r) for r in self.text_share_frame().to_dict(orient="records")],
             "disagreements": self.disagreements(),
             "warnings": list(self.warnings),
         }
@@ -188,6 +196,24 @@ def _per_class(pairs: StudyPairs, confidence: float) -> tuple[ClassSummary, ...]
                 continue
             for arch in pairs.archs:
                 rows.append(ClassSummary(metric, cls, arch, describe(pairs.values(arch, key), confidence)))
+    return tuple(rows)
+
+
+TEXT_SHARE_ALL = "all"
+
+
+def _text_shares(pairs: StudyPairs, confidence: float) -> tuple[ClassSummary, ...]:
+    """The text share of every paired run, per backbone: overall and per true class; a
+    metric missing (runs from before explanations) or NaN (no test image of the class) on
+    any run is left out."""
+    keyed = [(TEXT_SHARE_ALL, schema.METRIC_TEXT_SHARE)] + [(c, schema.text_share_metric(c)) for c in CLASSES]
+    rows = []
+    for cls, key in keyed:
+        runs = [r for arch in pairs.archs for r in pairs.runs[arch]]
+        if not all(key in r.metrics and math.isfinite(r.metrics[key]) for r in runs):
+            continue
+        for arch in pairs.archs:
+            rows.append(ClassSummary(schema.METRIC_TEXT_SHARE, cls, arch, describe(pairs.values(arch, key), confidence)))
     return tuple(rows)
 
 
@@ -264,6 +290,7 @@ def analyze_study(
         alpha=level,
         comparisons=comparisons,
         per_class=_per_class(pairs, 1 - level / k),
+        text_shares=_text_shares(pairs, 1 - level / k),
         mcnemar=mcnemar,
         n_images=int(predictions.true.size),
         n_resamples=n_resamples,

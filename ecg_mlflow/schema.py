@@ -101,8 +101,23 @@ METRIC_CACHE_HITS = "cache_hits"
 METRIC_CACHE_MISSES = "cache_misses"
 EPOCH_METRICS: tuple[str, ...] = ("loss", "accuracy", "val_loss", "val_accuracy")
 
+# Explanations (model/regions.py defines the regions and the share, model/explain.py the method)
+METRIC_TEXT_SHARE = "test_text_attribution_share"
+"""Mean over test images of the share of positive Grad-CAM region attribution, for the
+predicted class, that lies on the printed header and footer (0 by construction with crop=grid)."""
+
+
+def text_share_metric(cls: str) -> str:
+    """`text_share_metric("MI") -> "test_text_attribution_share_mi"`: the mean over the test
+    images whose TRUE class is `cls`."""
+    return f"{METRIC_TEXT_SHARE}_{CLASS_SLUGS[cls]}"
+
+
+TEXT_SHARE_METRICS: tuple[str, ...] = (METRIC_TEXT_SHARE,) + tuple(text_share_metric(c) for c in CLASSES)
+
 TRAIN_RUN_METRICS: tuple[str, ...] = (
-    evaluation_metric_names("test")
+    TEXT_SHARE_METRICS
+    + evaluation_metric_names("test")
     + evaluation_metric_names("val")
     + (
         METRIC_BEST_EPOCH,
@@ -124,13 +139,40 @@ ARTIFACT_SPLIT = "split.csv"
 MODEL_ARTIFACT = "model"
 ARTIFACT_HEAD = "head.json"
 """The head fields a `head_config` file set, on runs trained with one."""
+ARTIFACT_EXPLANATIONS = "explanations"
+ARTIFACT_REGION_TABLE = f"{ARTIFACT_EXPLANATIONS}/region_attribution.csv"
+"""One row per test image: relpath, sha256, true and predicted class, text share, then the
+signed Grad-CAM attribution of the predicted class per region (`attr_<region>`, logit units)."""
+ARTIFACT_REGION_CHART = f"{ARTIFACT_EXPLANATIONS}/region_attribution.png"
+"""Per true class: mean share of the positive attribution per region."""
+
+
+def overlay_artifact(cls: str, number: int) -> str:
+    """`overlay_artifact("MI", 1) -> "explanations/overlay_mi_1.png"`."""
+    return f"{ARTIFACT_EXPLANATIONS}/overlay_{CLASS_SLUGS[cls]}_{number}.png"
+
+
 TRAIN_RUN_ARTIFACTS: tuple[str, ...] = (
+    ARTIFACT_REGION_TABLE,
+    ARTIFACT_REGION_CHART,
     ARTIFACT_PREDICTIONS,
     ARTIFACT_CONFUSION_PNG,
     ARTIFACT_CONFUSION_JSON,
     ARTIFACT_CURVES,
     ARTIFACT_SPLIT,
 )
+
+# Columns of explanation tables and of the served model's reply with `explain`
+COL_TEXT_SHARE = "text_attribution_share"
+ATTRIBUTION_PREFIX = "attr_"
+EXPLAIN_PARAM = "explain"
+"""Serving param (boolean, default false): reply with the per-region attribution too."""
+
+
+def attribution_column(region_slug: str) -> str:
+    """`attribution_column("avr") -> "attr_avr"`: a region's signed Grad-CAM attribution."""
+    return ATTRIBUTION_PREFIX + region_slug
+
 
 # Columns of test_predictions.csv
 COL_RELPATH = "relpath"

@@ -19,7 +19,8 @@ import numpy as np
 from ecg_mlflow import schema
 from ecg_mlflow.config import HEAD_FIELDS, ConfigError, TrainConfig
 from ecg_mlflow.data.manifest import ImageRecord, Manifest, build_manifest
-from ecg_mlflow.model.features import CacheStats, FeatureKey, default_cache_dir, extract_features
+from ecg_mlflow.model.features import CacheStats, FeatureKey, default_cache_dir
+from ecg_mlflow.model.region_cache import extract_features_and_region_maps
 from ecg_mlflow.data.splits import Leakage, Split, make_split, measure_leakage
 from ecg_mlflow.tracking.params import log_unlogged_params
 
@@ -170,6 +171,7 @@ def log_run_outcome(run: PreparedRun, trained: TrainedHead, *, progress: bool = 
         schema.METRIC_CACHE_HITS: data.cache.hits,
         schema.METRIC_CACHE_MISSES: data.cache.misses,
     })
+    metrics.update(_log_explanations(config, trained.head, data))
     # At the last epoch's step: `val_loss`/`val_accuracy` are both per-epoch curves and
     # final metrics, and MLflow shows the value of the highest step, the restored best model.
     mlflow.log_metrics(metrics, step=history.stopped_epoch)
@@ -220,6 +222,7 @@ class PreparedData:
     records: dict[str, ImageRecord]
     features: dict[str, np.ndarray]  # by sha256
     cache: CacheStats
+    region_maps: dict[str, np.ndarray] | None = None  # by sha256: (regions, feature_dim), model/regions.py
 
     def features_of(self, relpaths) -> np.ndarray:
         return np.stack([self.features[self.records[p].sha256] for p in relpaths])
@@ -240,18 +243,37 @@ class PreparedData:
 def prepare_features(
     config: TrainConfig, manifest: Manifest, split: Split, *, progress: bool = True
 ) -> PreparedData:
-    """Backbone features of every unique image of the manifest, through the cache."""
+    """Backbone features (and region-pooled maps, same pass) of every unique image of the
+    manifest, through the cache."""
     records = {r.relpath: r for r in manifest.records}
     paths_by_sha: dict[str, Path] = {}
     for record in manifest.records:
         paths_by_sha.setdefault(record.sha256, manifest.path_of(record))
-    key = FeatureKey(config.arch, config.weights, config.image_height, config.image_width, config.crop)
+    key = feature_key(config)
     _say(progress, f"{run_name(config)}: features for {len(paths_by_sha)} unique images of {len(records)} files")
-    features, cache = extract_features(
+    features, region_maps, cache = extract_features_and_region_maps(
         paths_by_sha, key, config.cache_dir or default_cache_dir(), progress=progress
     )
     _say(progress, f"{run_name(config)}: cache hits {cache.hits}, backbone passes {cache.misses}")
-    return PreparedData(manifest, split, records, features, cache)
+    return PreparedData(manifest, split, records, features, cache, region_maps)
+
+
+def feature_key(config: TrainConfig) -> FeatureKey:
+    return FeatureKey(config.arch, config.weights, config.image_height, config.image_width, config.crop)
+
+
+def _log_explanations(config: TrainConfig, head, data: PreparedData) -> dict[str, float]:
+    """Grad-CAM per region of every test image from the cached region maps, and overlays of
+    a sample (tracking/explanations.py); returns the text-share metrics."""
+    from ecg_mlflow.tracking.explanations import log_explanations
+
+    test = list(data.split.test)
+    shas = [data.records[p].sha256 for p in test]
+    return log_explanations(
+        feature_key(config), config.cache_dir or default_cache_dir(), head, test, shas, data.labels("test"),
+        data.x("test"), np.stack([data.region_maps[s] for s in shas]),
+        [data.manifest.path_of(data.records[p]) for p in test], run_name(config),
+    )
 
 
 def _say(progress: bool, message: str) -> None:

@@ -76,6 +76,7 @@ def _predictions(arch: str, seed: int, salt: int = 0) -> tuple[pd.DataFrame, dic
     }
     per_class = f1_score(TRUE, pred, average=None, labels=labels, zero_division=0)
     metrics.update({schema.class_metric("test", "f1", c): float(v) for c, v in zip(CLASSES, per_class)})
+    metrics.update({name: float(rng.uniform(0, 0.5)) for name in schema.TEXT_SHARE_METRICS})
     return frame, metrics
 
 
@@ -225,6 +226,12 @@ def test_bootstrap_observed_difference_equals_the_logged_metric_difference(track
     assert analysis.seeds == (1, 2, 3)
     assert analysis.warnings == ()
     assert len([p for p in analysis.per_class if p.metric == "f1"]) == 2 * len(CLASSES)
+    # the text share of both backbones side by side: the mean over seeds of the logged metric
+    shares = analysis.text_share_frame().set_index(["class", "arch"])
+    assert len(shares) == 2 * (1 + len(CLASSES))
+    for arch in ARCHS:
+        logged = [_predictions(arch, seed)[1][schema.METRIC_TEXT_SHARE] for seed in analysis.seeds]
+        assert shares.loc[("all", arch), "mean"] == pytest.approx(np.mean(logged))
 
 
 def test_refuses_pairs_that_differ_and_lists_every_difference(tracking_uri, tmp_path):

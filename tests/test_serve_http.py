@@ -124,3 +124,47 @@ def test_predict_command_over_http(server, real_originals, tmp_path):
 
     gone = CliRunner().invoke(main, ["predict", str(files[0]), "--url", "http://127.0.0.1:9"])
     assert gone.exit_code == 1 and "cannot reach the model server" in gone.output
+
+
+def _post_params(url: str, records: list[dict], params: dict) -> requests.Response:
+    return requests.post(f"{url}/invocations", data=json.dumps({"dataframe_records": records, "params": params}),
+                         headers={"Content-Type": "application/json"}, timeout=300)
+
+
+def test_explain_param_adds_region_attribution_and_plain_replies_stay_plain(server, originals):
+    from ecg_mlflow.serving.pyfunc import EXPLAIN_COLUMNS
+
+    records = [{IMAGE_COLUMN: _b64(b)} for b in originals[:3]]
+    plain = _post(server[0].url, records)
+    explained = _post_params(server[0].url, records, {schema.EXPLAIN_PARAM: True})
+    assert plain.status_code == 200 and explained.status_code == 200, explained.text[:500]
+    plain_frame = pd.DataFrame(plain.json()["predictions"])
+    frame = pd.DataFrame(explained.json()["predictions"])
+    assert list(plain_frame.columns) == ["label", *schema.PROB_COLUMNS]
+    assert list(frame.columns) == ["label", *schema.PROB_COLUMNS, *EXPLAIN_COLUMNS]
+    assert list(frame["label"]) == list(plain_frame["label"])
+    np.testing.assert_allclose(frame[list(schema.PROB_COLUMNS)], plain_frame[list(schema.PROB_COLUMNS)], atol=1e-5)
+    assert frame[schema.COL_TEXT_SHARE].between(0, 1).all()
+    off = _post_params(server[0].url, records, {schema.EXPLAIN_PARAM: False})
+    assert list(pd.DataFrame(off.json()["predictions"]).columns) == list(plain_frame.columns)
+
+    local = mlflow.pyfunc.load_model(CHAMPION_URI).predict(pd.DataFrame({IMAGE_COLUMN: originals[:3]}),
+                                                           params={schema.EXPLAIN_PARAM: True})
+    np.testing.assert_allclose(frame[list(EXPLAIN_COLUMNS)], local[list(EXPLAIN_COLUMNS)], rtol=1e-4, atol=1e-6)
+
+
+def test_explain_command_writes_overlays_and_a_table(server, real_originals, tmp_path):
+    from ecg_mlflow.commands.explain import TABLE, explain
+
+    files = sorted(p for p in real_originals.rglob("*") if p.is_file())[:2]
+    for option, value in (("--url", server[0].url), ("--model", CHAMPION_URI)):
+        out = tmp_path / option.strip("-")
+        result = CliRunner().invoke(explain, [*map(str, files), option, value, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        table = pd.read_csv(out / TABLE)
+        assert list(table["file"]) == [str(f) for f in files] and schema.COL_TEXT_SHARE in table.columns
+        assert len(list(out.glob("*_overlay.png"))) == 2
+    by_url, by_model = (pd.read_csv(tmp_path / name / TABLE) for name in ("url", "model"))
+    np.testing.assert_allclose(by_url[schema.COL_TEXT_SHARE], by_model[schema.COL_TEXT_SHARE], atol=1e-5)
+    refused = CliRunner().invoke(explain, [str(files[0]), "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "exactly one of" in refused.output

@@ -18,7 +18,7 @@ from ecg_mlflow import schema
 from ecg_mlflow.data.classes import CLASSES
 from ecg_mlflow.cli import main
 from ecg_mlflow.data.preprocess import MAX_PIXELS, load_pixels
-from ecg_mlflow.serving.pyfunc import IMAGE_COLUMN, KERAS_ARTIFACT, OUTPUT_COLUMNS, BadImageRows, MissingImageColumn, Preprocessing
+from ecg_mlflow.serving.pyfunc import EXPLAIN_COLUMNS, IMAGE_COLUMN, KERAS_ARTIFACT, OUTPUT_COLUMNS, BadImageRows, MissingImageColumn, Preprocessing
 from ecg_mlflow.serving.packaging import SERVED_MODULES, MODEL_SCRIPT, keras_file_of_run, log_serving_model, serving_signature
 
 from serving_fixtures import (
@@ -60,8 +60,11 @@ def test_signature_and_packaging_state_the_contract(served):
     inputs = meta.signature.inputs.to_dict()
     assert inputs == [{"type": "binary", "name": IMAGE_COLUMN, "required": False}]
     outputs = meta.signature.outputs.to_dict()
-    assert [o["name"] for o in outputs] == list(OUTPUT_COLUMNS)
-    assert [o["type"] for o in outputs] == ["string"] + ["double"] * 4
+    assert [o["name"] for o in outputs] == list(OUTPUT_COLUMNS + EXPLAIN_COLUMNS)
+    assert [o["type"] for o in outputs] == ["string"] + ["double"] * (4 + len(EXPLAIN_COLUMNS))
+    assert all(o["required"] is False for o in outputs[len(OUTPUT_COLUMNS):])  # only with `explain`
+    assert meta.signature.params.to_dict() == [
+        {"name": schema.EXPLAIN_PARAM, "type": "boolean", "default": False, "shape": None}]
     pyfunc = meta.flavors["python_function"]
     # models-from-code (nothing unpickled at load) with the package shipped as code
     assert "model_code_path" in pyfunc and "cloudpickle" not in json.dumps(pyfunc.get("loader_module", ""))

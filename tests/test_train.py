@@ -78,7 +78,8 @@ def test_mlflow_run_main_logs_the_whole_run_schema(demo_set, tracking_uri, tmp_p
     best = int(run.data.metrics[schema.METRIC_BEST_EPOCH])
     per_epoch = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_loss")}
     assert abs(run.data.metrics["val_loss"] - per_epoch[best]) < 1e-3 or best == stopped
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    artifacts = {a.path for folder in (None, schema.ARTIFACT_EXPLANATIONS)
+                 for a in client.list_artifacts(run.info.run_id, folder)}
     assert set(schema.TRAIN_RUN_ARTIFACTS) <= artifacts
     assert run.inputs.dataset_inputs[0].dataset.digest == run.data.params[schema.PARAM_DATA_DIGEST][:36]
 

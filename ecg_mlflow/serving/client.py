@@ -8,7 +8,8 @@ from typing import Sequence
 
 import pandas as pd
 
-from ecg_mlflow.serving.pyfunc import IMAGE_COLUMN, OUTPUT_COLUMNS
+from ecg_mlflow import schema
+from ecg_mlflow.serving.pyfunc import EXPLAIN_COLUMNS, IMAGE_COLUMN, OUTPUT_COLUMNS
 
 
 class ServingError(RuntimeError):
@@ -19,10 +20,14 @@ class ServingError(RuntimeError):
         self.status = status
 
 
-def invocation_payload(images: Sequence[bytes]) -> str:
-    """The JSON body of `POST /invocations`: one record per image, bytes as base64."""
+def invocation_payload(images: Sequence[bytes], *, explain: bool = False) -> str:
+    """The JSON body of `POST /invocations`: one record per image, bytes as base64; with
+    `explain`, the param that asks for the per-region attribution too."""
     records = [{IMAGE_COLUMN: base64.b64encode(bytes(image)).decode("ascii")} for image in images]
-    return json.dumps({"dataframe_records": records})
+    body: dict = {"dataframe_records": records}
+    if explain:
+        body["params"] = {schema.EXPLAIN_PARAM: True}
+    return json.dumps(body)
 
 
 def invocations_url(url: str) -> str:
@@ -35,13 +40,15 @@ def invocations_url(url: str) -> str:
     return url if parts.path.strip("/") else url.rstrip("/") + "/invocations"
 
 
-def predict_over_http(url: str, images: Sequence[bytes], *, timeout: float = 300.0, session=None) -> pd.DataFrame:
-    """Send images to a served model and return its frame (label + prob_* per image)."""
+def predict_over_http(url: str, images: Sequence[bytes], *, timeout: float = 300.0, session=None,
+                      explain: bool = False) -> pd.DataFrame:
+    """Send images to a served model and return its frame (label + prob_* per image; with
+    `explain`, also the text share and attr_<region> columns)."""
     import requests
 
     http = session or requests
     try:
-        response = http.post(invocations_url(url), data=invocation_payload(images),
+        response = http.post(invocations_url(url), data=invocation_payload(images, explain=explain),
                              headers={"Content-Type": "application/json"}, timeout=timeout)
     except requests.RequestException as exc:
         raise ServingError(f"cannot reach the model server at {url}: {exc}") from None
@@ -54,4 +61,4 @@ def predict_over_http(url: str, images: Sequence[bytes], *, timeout: float = 300
         message = message.split("\nError: ", 1)[-1]
         raise ServingError(f"server answered HTTP {response.status_code}: {message}", response.status_code)
     predictions = response.json()["predictions"]
-    return pd.DataFrame(predictions, columns=list(OUTPUT_COLUMNS))
+    return pd.DataFrame(predictions, columns=list(OUTPUT_COLUMNS + (EXPLAIN_COLUMNS if explain else ())))

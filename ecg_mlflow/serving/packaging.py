@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from ecg_mlflow import schema
-from ecg_mlflow.serving.pyfunc import IMAGE_COLUMN, KERAS_ARTIFACT, LABEL_COLUMN, Preprocessing
+from ecg_mlflow.serving.pyfunc import EXPLAIN_COLUMNS, IMAGE_COLUMN, KERAS_ARTIFACT, LABEL_COLUMN, Preprocessing
 
 SERVING_MODEL_NAME = "model"
 """Name of the serving pyfunc inside the promote run (`runs:/<promote run>/model`)."""
@@ -21,6 +21,9 @@ SERVED_MODULES: tuple[str, ...] = (
     "data/__init__.py",
     "data/classes.py",
     "data/preprocess.py",
+    "model/__init__.py",
+    "model/regions.py",
+    "model/explain.py",
     "serving/__init__.py",
     "serving/pyfunc.py",
 )
@@ -49,15 +52,18 @@ def preprocessing_of_run(params: dict[str, str], run_id: str) -> Preprocessing:
 
 
 def serving_signature():
-    """ColSpec binary `image` in; `label` string and four doubles out. `image` is declared
-    optional only so that a request without it reaches `predict` and gets a 400 naming it
-    (MLflow's own check for a missing required column answers 500)."""
+    """ColSpec binary `image` in; `label` string and four doubles out, plus the optional
+    explanation columns; param `explain` (boolean, default false) asks for those. `image` is
+    declared optional only so that a request without it reaches `predict` and gets a 400
+    naming it (MLflow's own check for a missing required column answers 500)."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
         inputs=Schema([ColSpec("binary", IMAGE_COLUMN, required=False)]),
-        outputs=Schema([ColSpec("string", LABEL_COLUMN)] + [ColSpec("double", c) for c in schema.PROB_COLUMNS]),
+        outputs=Schema([ColSpec("string", LABEL_COLUMN)] + [ColSpec("double", c) for c in schema.PROB_COLUMNS]
+                       + [ColSpec("double", c, required=False) for c in EXPLAIN_COLUMNS]),
+        params=ParamSchema([ParamSpec(schema.EXPLAIN_PARAM, "boolean", False)]),
     )
 
 

@@ -8,6 +8,12 @@ version keeps the preprocessing it was promoted with even when the installed pac
 later. It is logged as models-from-code, so loading it unpickles nothing, and the Keras model
 loads in safe mode.
 
+With the param `explain` (schema.EXPLAIN_PARAM, boolean, default false) the reply also holds
+each image's Grad-CAM attribution per report region for its predicted class
+(`attr_<region>`) and its text share (model/explain.py, model/regions.py); the network that
+gives the last convolution's maps is built on the first such request, so plain requests do
+exactly the work they did before.
+
 Bad input never reaches the model: every row is decoded first, every bad row is collected,
 and one `BadImageRows` (an MlflowException with INVALID_PARAMETER_VALUE, which MLflow's
 scoring server answers with HTTP 400) names them all with their reasons.
@@ -28,10 +34,15 @@ from mlflow.pyfunc import PythonModel
 from ecg_mlflow import schema
 from ecg_mlflow.data.classes import CLASSES
 from ecg_mlflow.data.preprocess import ImageDecodeError, load_pixels
+from ecg_mlflow.model import regions
 
 IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
 OUTPUT_COLUMNS: tuple[str, ...] = (LABEL_COLUMN,) + schema.PROB_COLUMNS
+EXPLAIN_COLUMNS: tuple[str, ...] = (schema.COL_TEXT_SHARE,) + tuple(
+    schema.attribution_column(s) for s in regions.REGION_SLUGS
+)
+"""Added to OUTPUT_COLUMNS when a request sets `explain`."""
 KERAS_ARTIFACT = "keras_model"
 PREDICT_BATCH = 8
 """Images per Keras call: bounds the activation memory of a large request."""
@@ -105,6 +116,21 @@ def decode_rows(images: Sequence[Any], prep: Preprocessing) -> np.ndarray:
     return np.stack(pixels).astype(np.float32)
 
 
+def explanation_frame(probabilities: np.ndarray, of_predicted: np.ndarray) -> pd.DataFrame:
+    """The served frame plus the text share and `attr_<region>` of the predicted class."""
+    frame = probabilities_frame(probabilities)
+    frame[schema.COL_TEXT_SHARE] = regions.text_shares(of_predicted).astype(np.float64)
+    for index, slug in enumerate(regions.REGION_SLUGS):
+        frame[schema.attribution_column(slug)] = np.asarray(of_predicted[:, index], np.float64)
+    return frame
+
+
+def wants_explanation(params: dict[str, Any] | None) -> bool:
+    """Whether the request's params ask for attributions (a bool, or "true"/"1" as text)."""
+    value = (params or {}).get(schema.EXPLAIN_PARAM, False)
+    return value is True or str(value).strip().lower() in ("true", "1")
+
+
 def probabilities_frame(probabilities: np.ndarray) -> pd.DataFrame:
     """(n, 4) probabilities in CLASSES order -> the served frame: label + prob_* (float64)."""
     probabilities = np.asarray(probabilities, dtype=np.float64).reshape(-1, len(CLASSES))
@@ -125,6 +151,7 @@ class EcgImageClassifier(PythonModel):
         # built-in layers only (backbones.py), so a model that needs more is not ours.
         self._model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False, safe_mode=True)
         self._lock = threading.Lock()
+        self._explainer = None  # (maps model, head), built on the first `explain` request
         # The first call traces the graph (seconds); pay it at load time, not on a request.
         self._infer(np.zeros((1, self._prep.image_height, self._prep.image_width, 3), np.float32))
 
@@ -136,14 +163,37 @@ class EcgImageClassifier(PythonModel):
                    for i in range(0, len(pixels), PREDICT_BATCH)]
         return np.concatenate(out) if out else np.zeros((0, len(CLASSES)))
 
+    def _explain(self, pixels: np.ndarray):
+        from ecg_mlflow.model.explain import build_maps_model, explain_pixels, split_whole_model
+
+        with self._lock:
+            if self._explainer is None:
+                extractor, head = split_whole_model(self._model)
+                self._explainer = (build_maps_model(extractor), head)
+            maps_model, head = self._explainer
+            return explain_pixels(maps_model, head, pixels, self._prep.crop)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self._prep
+
+    def explain_images(self, images: Sequence[Any]):
+        """(pixels, model/explain.Explanation with the Grad-CAM map) of image bytes: what
+        `ecg-mlflow explain --model` draws its overlays from. BadImageRows names bad rows."""
+        pixels = decode_rows(list(images), self._prep)
+        return pixels, self._explain(pixels)
+
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Args:
             model_input: one row per image; column `image` holds JPEG/PNG bytes (the
                 scoring server has already base64-decoded them from JSON).
+            params: `{"explain": true}` adds the per-region attribution (EXPLAIN_COLUMNS).
 
         Returns:
             One row per image: `label` (a class of CLASSES) and `prob_mi`, `prob_hmi`,
-            `prob_ahb`, `prob_norm` (float64, summing to 1).
+            `prob_ahb`, `prob_norm` (float64, summing to 1); with `explain`, also
+            `text_attribution_share` and `attr_<region>` (Grad-CAM of the predicted class,
+            signed, logit units; regions of model/regions.py).
 
         Raises:
             MissingImageColumn, BadImageRows: MlflowExceptions that the server answers with 400.
@@ -152,4 +202,7 @@ class EcgImageClassifier(PythonModel):
             columns = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else []
             raise MissingImageColumn(columns)
         pixels = decode_rows(list(model_input[IMAGE_COLUMN]), self._prep)
+        if wants_explanation(params) and len(pixels):
+            explained = self._explain(pixels)
+            return explanation_frame(explained.probabilities, explained.of_predicted)
         return probabilities_frame(self._infer(pixels))

@@ -1,0 +1,167 @@
+"""Region-pooled maps made in the feature pass and cached beside the features.
+
+`extract_features_and_region_maps` is `features.extract_features` with a second product:
+where an image misses either cache, ONE backbone pass (the extractor split before its global
+average pooling, explain.build_maps_model) yields the pooled features and the last
+convolution's maps, and the maps are reduced at once to (regions x channels) region-pooled
+maps (regions.pool_by_region), about 80 KB an image. Those explain any head of any seed by
+region (regions.py) without another backbone pass.
+
+The region-map cache is a FeatureCache (folder or S3) inside the features' own (same key: backbone,
+weights, size, crop, Keras), named by the template's digest, so a changed template never
+reuses old maps; the same checksummed atomic entries. A few images (the overlay sample of
+every run) also keep their FULL maps, in a third folder of the same kind, so that the
+overlay pictures of a 20-run study cost one backbone pass for those images, not twenty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ecg_mlflow.data.preprocess import load_batch
+from ecg_mlflow.model import regions
+from ecg_mlflow.model.backbones import get_spec
+from ecg_mlflow.model.cache_store import open_store
+from ecg_mlflow.model.features import (
+    _CHECKSUM_BYTES, FEATURE_BATCH_SIZE, KEY_FILE, CacheStats, FeatureCache, FeatureKey, _pad_batch,
+)
+
+_SHAPE_VALUES = 3  # a full-map entry starts with its (h, w, k)
+
+
+class RegionMapCache(FeatureCache):
+    """Region-pooled maps (regions x feature_dim float32) of one FeatureKey and template, in
+    the same store (folder or S3) as the features."""
+
+    def __init__(self, root: str | Path, key: FeatureKey):
+        self.key = key
+        self.dim = len(regions.REGIONS) * get_spec(key.arch).feature_dim
+        self.backend = open_store(root, f"{key.arch}/{key.digest}/regions-{regions.template_digest()}")
+        if not self.backend.exists(KEY_FILE):
+            fields = {**key.fields(), **regions.template_fields()}
+            self.backend.write(KEY_FILE, json.dumps(fields, indent=2, sort_keys=True).encode())
+
+    def load_maps(self, sha256: str) -> np.ndarray | None:
+        found = self.load(sha256)
+        return None if found is None else found.reshape(len(regions.REGIONS), -1)
+
+
+class FullMapCache(FeatureCache):
+    """Full last-conv maps (h, w, k) of a few images; the shape travels in the entry."""
+
+    def __init__(self, root: str | Path, key: FeatureKey):
+        self.key = key
+        self.dim = None
+        self.backend = open_store(root, f"{key.arch}/{key.digest}/maps")
+
+    def decode(self, blob: bytes | None) -> np.ndarray | None:
+        if blob is None:
+            return None
+        body, checksum = blob[:-_CHECKSUM_BYTES], blob[-_CHECKSUM_BYTES:]
+        if len(body) < 4 * _SHAPE_VALUES or hashlib.sha256(body).digest() != checksum:
+            return None
+        values = np.frombuffer(body, dtype=np.float32)
+        shape = tuple(int(v) for v in values[:_SHAPE_VALUES])
+        if int(np.prod(shape)) != len(values) - _SHAPE_VALUES:
+            return None
+        return values[_SHAPE_VALUES:].reshape(shape).copy()
+
+    def store(self, sha256: str, maps: np.ndarray) -> None:
+        values = np.concatenate([np.asarray(maps.shape, np.float32), np.ravel(maps).astype(np.float32)])
+        body = values.tobytes()
+        self.backend.write(self.entry_name(sha256), body + hashlib.sha256(body).digest())
+
+
+def shared_maps_model(key: FeatureKey):
+    """The maps model of the process-wide extractor of `key` (built once, like the extractor)."""
+    from ecg_mlflow.model import backbones
+    from ecg_mlflow.model.explain import build_maps_model
+
+    extractor = backbones.shared_feature_extractor(key.arch, key.weights, key.height, key.width)
+    cached = getattr(extractor, "_ecg_maps_model", None)
+    if cached is None:
+        cached = build_maps_model(extractor)
+        extractor._ecg_maps_model = cached
+    return cached
+
+
+def extract_features_and_region_maps(
+    paths_by_sha: dict[str, Path],
+    key: FeatureKey,
+    cache_dir: str | Path,
+    *,
+    build_maps_model: Callable | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], CacheStats]:
+    """Features and region-pooled maps of every unique image (sha256 -> path), from the
+    caches where possible, else from one backbone pass per missing image.
+
+    Returns features (feature_dim,) and region maps (regions, feature_dim) by sha256, and
+    what the caches did (a miss is an image that needed the backbone). Features already
+    cached are kept as they are, so earlier runs' numbers do not move.
+    """
+    start = time.perf_counter()
+    features_cache, maps_cache = FeatureCache(cache_dir, key), RegionMapCache(cache_dir, key)
+    features: dict[str, np.ndarray] = {}
+    region_maps: dict[str, np.ndarray] = {}
+    missing: list[str] = []
+    damaged = 0
+    for sha in sorted(paths_by_sha):
+        vector, pooled = features_cache.load(sha), maps_cache.load_maps(sha)
+        if vector is not None:
+            features[sha] = vector
+        if pooled is not None:
+            region_maps[sha] = pooled
+        if vector is None or pooled is None:
+            damaged += vector is None and features_cache.has_entry(sha)
+            missing.append(sha)
+    if missing:
+        model = build_maps_model() if build_maps_model is not None else shared_maps_model(key)
+        for sha, maps, vector in run_maps_pass(model, missing, paths_by_sha, key, progress):
+            pooled = regions.pool_by_region(maps[None], regions.region_weights(*maps.shape[:2], key.crop))[0]
+            maps_cache.store(sha, pooled)
+            region_maps[sha] = pooled
+            if sha not in features:
+                features_cache.store(sha, vector)
+                features[sha] = vector
+    stats = CacheStats(hits=len(paths_by_sha) - len(missing), misses=len(missing), damaged=damaged,
+                       seconds=time.perf_counter() - start)
+    return features, region_maps, stats
+
+
+def run_maps_pass(model, shas: Sequence[str], paths_by_sha, key: FeatureKey, progress: bool = False):
+    """Yield (sha, maps (h, w, k), features) batch by batch, padded as the feature pass pads
+    (the same rounding whatever else was missing)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(shas), desc=f"{key.arch} features+maps", unit="img", disable=not progress)
+    for begin in range(0, len(shas), FEATURE_BATCH_SIZE):
+        batch = shas[begin:begin + FEATURE_BATCH_SIZE]
+        pixels = load_batch([paths_by_sha[s] for s in batch], key.height, key.width, key.crop)
+        maps, vectors = model.predict_on_batch(_pad_batch(pixels))
+        maps, vectors = np.asarray(maps)[: len(batch)], np.asarray(vectors)[: len(batch)]
+        for sha, m, v in zip(batch, maps, vectors):
+            yield sha, m, v
+        bar.update(len(batch))
+    bar.close()
+
+
+def load_full_maps(
+    paths_by_sha: dict[str, Path], key: FeatureKey, cache_dir: str | Path
+) -> dict[str, np.ndarray]:
+    """Full last-conv maps (h, w, k) of a few images (the overlay sample), cached: the
+    backbone runs only for the ones a previous run has not stored."""
+    cache = FullMapCache(cache_dir, key)
+    found = {sha: cache.load(sha) for sha in sorted(paths_by_sha)}
+    missing = [sha for sha, maps in found.items() if maps is None]
+    if missing:
+        for sha, maps, _ in run_maps_pass(shared_maps_model(key), missing, paths_by_sha, key):
+            cache.store(sha, maps)
+            found[sha] = maps
+    return found

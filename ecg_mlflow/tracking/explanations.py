@@ -1,0 +1,82 @@
+"""Logging a train run's explanations (schema: `explanations/`, the text-share metrics).
+
+The whole test set is explained from the region-pooled maps cached in the feature pass (a
+head Jacobian, no backbone); the overlay sample (OVERLAY_PER_CLASS test images per class)
+needs full maps, which are cached too, so a study pays that pass once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ecg_mlflow import schema
+from ecg_mlflow.data.classes import CLASSES
+from ecg_mlflow.model import regions
+from ecg_mlflow.model.features import FeatureKey
+
+OVERLAY_PER_CLASS = 2
+
+
+def overlay_sample(relpaths: Sequence[str], labels: Sequence[str], shas: Sequence[str]) -> list[int]:
+    """Indices of the first OVERLAY_PER_CLASS distinct images of every class (list order):
+    the same for every seed of a study, since the test set is."""
+    chosen: list[int] = []
+    seen: set[str] = set()
+    for cls in CLASSES:
+        picked = 0
+        for index, (label, sha) in enumerate(zip(labels, shas)):
+            if label == cls and sha not in seen and picked < OVERLAY_PER_CLASS:
+                chosen.append(index)
+                seen.add(sha)
+                picked += 1
+    return chosen
+
+
+def text_share_metrics(text_shares: np.ndarray, labels: Sequence[str]) -> dict[str, float]:
+    """The mean text share over all images and over the images of each true class (NaN for
+    a class without test images)."""
+    labels = np.asarray(labels)
+    metrics = {schema.METRIC_TEXT_SHARE: float(np.mean(text_shares)) if len(text_shares) else float("nan")}
+    for cls in CLASSES:
+        chosen = text_shares[labels == cls]
+        metrics[schema.text_share_metric(cls)] = float(chosen.mean()) if len(chosen) else float("nan")
+    return metrics
+
+
+def log_explanations(
+    key: FeatureKey, cache_dir: str | Path, head, relpaths: Sequence[str], shas: Sequence[str],
+    labels: Sequence[str], features: np.ndarray, region_maps: np.ndarray, paths: Sequence[Path], title: str,
+) -> dict[str, float]:
+    """Explain the test images, log the table, the chart and the overlays into the active
+    run, and return the text-share metrics (the caller logs them with the others)."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    from ecg_mlflow.data.preprocess import load_pixels
+    from ecg_mlflow.model.explain import explain_maps, explain_pooled
+    from ecg_mlflow.model.explain_figures import attribution_frame, overlay_picture, plot_region_chart
+    from ecg_mlflow.model.region_cache import load_full_maps
+
+    explained = explain_pooled(head, features, region_maps)
+    frame = attribution_frame(relpaths, shas, labels, explained.predicted, explained.of_predicted)
+    mlflow.log_text(frame.to_csv(index=False), schema.ARTIFACT_REGION_TABLE)
+    figure = plot_region_chart(frame, f"{title}: Grad-CAM per report region (test set, n={len(frame)})")
+    mlflow.log_figure(figure, schema.ARTIFACT_REGION_CHART)
+    plt.close(figure)
+
+    sample = overlay_sample(relpaths, labels, shas)
+    maps = load_full_maps({shas[i]: Path(paths[i]) for i in sample}, key, cache_dir)
+    numbers: dict[str, int] = {}
+    for i in sample:
+        full = explain_maps(head, maps[shas[i]][None], features[i:i + 1], key.crop)
+        numbers[labels[i]] = numbers.get(labels[i], 0) + 1
+        predicted = CLASSES[int(full.predicted[0])]
+        caption = (f"{relpaths[i]}  true {labels[i]}  predicted {predicted} "
+                   f"(p={full.probabilities[0].max():.2f})  text share {full.text_shares[0]:.2f}")
+        pixels = load_pixels(paths[i], key.height, key.width, key.crop)
+        mlflow.log_image(overlay_picture(pixels, full.cam[0], key.crop, caption),
+                         schema.overlay_artifact(labels[i], numbers[labels[i]]))
+    return text_share_metrics(explained.text_shares, labels)
