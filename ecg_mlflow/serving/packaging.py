@@ -20,6 +20,7 @@ SERVED_MODULES: tuple[str, ...] = (
     "schema.py",
     "data/__init__.py",
     "data/classes.py",
+    "data/decode.py",
     "data/preprocess.py",
     "serving/__init__.py",
     "serving/pyfunc.py",
