@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from typing import Sequence
 
 import pandas as pd
 
+from ecg_mlflow.serving.limits import DEFAULT_MAX_ROWS
 from ecg_mlflow.serving.pyfunc import IMAGE_COLUMN, OUTPUT_COLUMNS
 
 
@@ -35,8 +37,18 @@ def invocations_url(url: str) -> str:
     return url if parts.path.strip("/") else url.rstrip("/") + "/invocations"
 
 
-def predict_over_http(url: str, images: Sequence[bytes], *, timeout: float = 300.0, session=None) -> pd.DataFrame:
-    """Send images to a served model and return its frame (label + prob_* per image)."""
+def predict_over_http(url: str, images: Sequence[bytes], *, timeout: float = 300.0, session=None,
+                      chunk_rows: int = DEFAULT_MAX_ROWS) -> pd.DataFrame:
+    """Send images to a served model, `chunk_rows` per request (the server's default row
+    limit), and return its frame (label + prob_* per image, in order)."""
+    frames = [post_chunk(url, images[start:start + chunk_rows], start, timeout=timeout, session=session)
+              for start in range(0, len(images), chunk_rows)] or [post_chunk(url, [], 0, timeout=timeout,
+                                                                             session=session)]
+    return pd.concat(frames, ignore_index=True)
+
+
+def post_chunk(url: str, images: Sequence[bytes], start: int, *, timeout: float, session=None) -> pd.DataFrame:
+    """One request; an error's `row i` is renumbered to count from the first image sent overall."""
     import requests
 
     http = session or requests
@@ -52,6 +64,9 @@ def predict_over_http(url: str, images: Sequence[bytes], *, timeout: float = 300
             message = response.text
         # the scoring server prefixes "Failed to predict data '<the whole frame>'. Error: "
         message = message.split("\nError: ", 1)[-1]
+        if start:
+            message = re.sub(r"\brow (\d+):", lambda m: f"row {int(m[1]) + start}:", message)
+            message = f"(images {start}-{start + len(images) - 1}) {message}"
         raise ServingError(f"server answered HTTP {response.status_code}: {message}", response.status_code)
     predictions = response.json()["predictions"]
     return pd.DataFrame(predictions, columns=list(OUTPUT_COLUMNS))
