@@ -173,7 +173,7 @@ def probabilities_frame(probabilities: np.ndarray) -> pd.DataFrame:
 
 
 class EcgImageClassifier(PythonModel):
-    """Pyfunc: DataFrame with a binary `image` column -> `label` and `prob_*` per row."""
+    """Pyfunc: DataFrame with an `image` column (bytes or base64) -> `label` and `prob_*` per row."""
 
     def load_context(self, context) -> None:
         import keras
