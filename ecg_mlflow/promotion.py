@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 REGISTERED_MODEL_DESCRIPTION = (
     "ECG report image classifier (myocardial infarction, history of MI, abnormal heartbeat, "
-    "normal). Input: DataFrame with a binary `image` column (JPEG/PNG bytes; base64 in JSON). "
+    "normal). Input: DataFrame with an `image` column (JPEG/PNG bytes; base64 in JSON, at most "
+    "32 rows per request by default). "
     "Output per image: `label` and `prob_mi`, `prob_hmi`, `prob_ahb`, `prob_norm`. "
     f"Alias `{schema.CHAMPION_ALIAS}` is the promoted model, `{schema.PREVIOUS_CHAMPION_ALIAS}` "
     "the one it replaced."

@@ -209,3 +209,33 @@ def model_server(model_uri: str, tracking_uri: str, log: Path, *, workers: int |
         yield server
     finally:
         stop_process_group(process, timeout=20)
+
+
+FOREIGN_FORMATS: tuple[str, ...] = ("GIF", "TIFF", "BMP", "WEBP", "TGA", "PPM", "ICO", "EPS", "DDS", "BLP")
+"""Formats Pillow decodes that the serving contract refuses (the issue's list)."""
+
+
+def foreign_image(fmt: str) -> bytes:
+    """A small real image in `fmt`, written by Pillow."""
+    import io
+
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 32), (200, 30, 30))
+    buffer = io.BytesIO()
+    (image.convert("P") if fmt == "BLP" else image).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def palette_bomb(width: int, height: int) -> bytes:
+    """A palette PNG with transparency, one colour: tens of megapixels in a few kilobytes,
+    which the old path turned into several full-size RGBA copies (the issue's bomb)."""
+    import io
+
+    from PIL import Image
+
+    image = Image.new("P", (width, height), 0)
+    image.putpalette([255, 255, 255] * 256)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", transparency=0, optimize=True)
+    return buffer.getvalue()

@@ -19,8 +19,14 @@ from ecg_mlflow.data.classes import CLASSES
 from ecg_mlflow.serving.pyfunc import IMAGE_COLUMN
 from ecg_mlflow.serving.client import predict_over_http
 
+from ecg_mlflow.data.decode import max_source_pixels
+from ecg_mlflow.serving.limits import DEFAULT_MAX_ROWS, MAX_LISTED_ROWS, MAX_ROWS_ENV
+
 from serving_fixtures import (
+    FOREIGN_FORMATS,
+    foreign_image,
     hand_analysis_run,
+    palette_bomb,
     isolated_store,
     model_server,
     png_header_only,
@@ -30,6 +36,21 @@ from serving_fixtures import (
 )
 
 pytestmark = pytest.mark.slow
+FOREIGN_REFUSALS = {"TGA": "not an image: no JPEG or PNG header",
+                    "PPM": "Netpbm (PBM/PGM/PPM) image; only JPEG and PNG are accepted"}
+
+
+def _tiny_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (2, 2), 255).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+TINY_PNG = _tiny_png()
 CHAMPION_URI = f"models:/{schema.DEFAULT_MODEL_NAME}@{schema.CHAMPION_ALIAS}"
 
 
@@ -92,12 +113,26 @@ def test_originals_over_http_equal_the_in_process_prediction(server, originals):
     ("several", lambda good: [{IMAGE_COLUMN: ""}, {IMAGE_COLUMN: _b64(good)}, {IMAGE_COLUMN: _b64(b"xx")}],
      ["2 of 3 rows", "row 0: empty", "row 2: not an image"]),
     ("no image column", lambda good: [{"picture": _b64(good)}], ["no 'image' column"]),
-    ("not base64", lambda good: [{IMAGE_COLUMN: "abcde"}], ["column image", "base64"]),
-])
+    ("not base64", lambda good: [{IMAGE_COLUMN: "abcde"}], ["row 0: not base64"]),
+    ("null", lambda good: [{IMAGE_COLUMN: _b64(good)}, {IMAGE_COLUMN: None}], ["row 1: missing image (null)"]),
+    ("numeric", lambda good: [{IMAGE_COLUMN: 12}, {IMAGE_COLUMN: 2.5}],
+     ["row 0: expected base64 JPEG/PNG bytes, got int", "row 1: expected base64 JPEG/PNG bytes, got float"]),
+    ("palette bomb", lambda good: [{IMAGE_COLUMN: _b64(palette_bomb(4000, 4000))}],
+     ["row 0: decompression bomb", "4000 x 4000", "the limit is 2048 x its size"]),
+    ("bomb over the pixel limit", lambda good: [{IMAGE_COLUMN: _b64(palette_bomb(6000, 6000))}],
+     ["row 0: image too large", f"the limit is {max_source_pixels(64, 128)} pixels"]),
+    ("DDS", lambda good: [{IMAGE_COLUMN: _b64(b"DDS |" + bytes(200))}], ["row 0: DDS image; only JPEG and PNG"]),
+    ("BLP", lambda good: [{IMAGE_COLUMN: _b64(b"BLP1" + bytes(200))}], ["row 0: BLP image; only JPEG and PNG"]),
+    ("too many rows", lambda good: [{IMAGE_COLUMN: _b64(TINY_PNG)}] * (DEFAULT_MAX_ROWS + 1),
+     [f"the limit is {DEFAULT_MAX_ROWS} rows per request", MAX_ROWS_ENV]),
+] + [(fmt, (lambda good, fmt=fmt: [{IMAGE_COLUMN: _b64(good)}, {IMAGE_COLUMN: _b64(foreign_image(fmt))}]),
+      ["row 1: " + FOREIGN_REFUSALS.get(fmt, f"{fmt} image; only JPEG and PNG are accepted")])
+     for fmt in FOREIGN_FORMATS])
 def test_bad_input_gets_400_naming_the_row_and_the_server_keeps_serving(server, originals, case, records, expected):
     url = server[0].url
     response = _post(url, records(originals[0]))
     assert response.status_code == 400, f"{case}: {response.status_code} {response.text[:500]}"
+    assert "stack_trace" not in response.json() and "Traceback" not in response.text
     message = response.json()["message"]
     for fragment in expected:
         assert fragment in message, f"{case}: {fragment!r} not in {message[-600:]!r}"
@@ -168,3 +203,45 @@ def test_explain_command_writes_overlays_and_a_table(server, real_originals, tmp
     np.testing.assert_allclose(by_url[schema.COL_TEXT_SHARE], by_model[schema.COL_TEXT_SHARE], atol=1e-5)
     refused = CliRunner().invoke(explain, [str(files[0]), "--out", str(tmp_path / "x")])
     assert refused.exit_code == 2 and "exactly one of" in refused.output
+def test_a_reply_to_many_bad_rows_stays_small_and_carries_no_trace(server):
+    url = server[0].url
+    records = [{IMAGE_COLUMN: _b64(b"GIF89a" + bytes(400))} for _ in range(DEFAULT_MAX_ROWS)]
+    response = _post(url, records)
+    assert response.status_code == 400
+    body = response.json()
+    assert "stack_trace" not in body and "Traceback" not in response.text
+    assert f"and {DEFAULT_MAX_ROWS - MAX_LISTED_ROWS} more bad rows, not listed" in body["message"]
+    assert len(response.content) < 8_000, len(response.content)
+
+
+def test_four_concurrent_bombs_are_refused_and_the_server_keeps_serving(server, originals):
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = server[0].url
+    bomb = _b64(palette_bomb(4000, 4000))
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda _: _post(url, [{IMAGE_COLUMN: bomb}] * 4), range(4)))
+    assert [r.status_code for r in replies] == [400] * 4
+    assert all("row 3: decompression bomb" in r.json()["message"] for r in replies)
+    after = _post(url, [{IMAGE_COLUMN: _b64(originals[1])}])
+    assert after.status_code == 200 and len(after.json()["predictions"]) == 1
+
+
+def test_a_decoder_failure_keeps_its_trace_in_the_server_log_only(server, originals):
+    running = server[0]
+    response = _post(running.url, [{IMAGE_COLUMN: _b64(originals[0][: len(originals[0]) // 2])}])
+    assert response.status_code == 400 and "Traceback" not in response.text
+    assert "row 0: truncated or corrupt image data" in response.json()["message"]
+    log = running.log_tail(20_000)
+    assert "row 0 refused: truncated" in log and "Traceback" in log
+
+
+def test_the_client_sends_chunks_and_names_rows_across_them(server, originals):
+    from ecg_mlflow.serving.client import ServingError
+
+    url = server[0].url
+    frame = predict_over_http(url, originals[:3], chunk_rows=2)
+    assert len(frame) == 3 and set(frame["label"]) <= set(CLASSES)
+    with pytest.raises(ServingError, match=r"\(images 2-3\) .*row 3: GIF image") as caught:
+        predict_over_http(url, [originals[0], originals[1], originals[2], foreign_image("GIF")], chunk_rows=2)
+    assert caught.value.status == 400

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 
@@ -17,9 +18,10 @@ from PIL import Image
 from ecg_mlflow import schema
 from ecg_mlflow.data.classes import CLASSES
 from ecg_mlflow.cli import main
-from ecg_mlflow.data.preprocess import MAX_PIXELS, load_pixels
-from ecg_mlflow.serving.pyfunc import EXPLAIN_COLUMNS, IMAGE_COLUMN, KERAS_ARTIFACT, OUTPUT_COLUMNS, BadImageRows, MissingImageColumn, Preprocessing
-from ecg_mlflow.serving.packaging import SERVED_MODULES, MODEL_SCRIPT, keras_file_of_run, log_serving_model, serving_signature
+from ecg_mlflow.data.decode import max_source_pixels
+from ecg_mlflow.data.preprocess import load_pixels
+from ecg_mlflow.serving.pyfunc import EXPLAIN_COLUMNS, IMAGE_COLUMN, KERAS_ARTIFACT, OUTPUT_COLUMNS, BadImageRows, MissingImageColumn, Preprocessing, TooManyRows
+from ecg_mlflow.serving.packaging import SERVED_MODULES, preprocessing_of_run, MODEL_SCRIPT, keras_file_of_run, log_serving_model, serving_signature
 
 from serving_fixtures import (
     isolated_store,
@@ -58,7 +60,7 @@ def test_signature_and_packaging_state_the_contract(served):
     meta = Model.load(local)
     assert meta.signature == serving_signature()
     inputs = meta.signature.inputs.to_dict()
-    assert inputs == [{"type": "binary", "name": IMAGE_COLUMN, "required": False}]
+    assert inputs == [{"type": "any", "name": IMAGE_COLUMN, "required": False}]
     outputs = meta.signature.outputs.to_dict()
     assert [o["name"] for o in outputs] == list(OUTPUT_COLUMNS + EXPLAIN_COLUMNS)
     assert [o["type"] for o in outputs] == ["string"] + ["double"] * (4 + len(EXPLAIN_COLUMNS))
@@ -113,13 +115,50 @@ def test_every_bad_row_is_named_with_its_reason_in_one_error(served, originals):
     assert error.error_code == "INVALID_PARAMETER_VALUE" and error.get_http_status_code() == 400
     assert sorted(error.rows) == [1, 2, 3, 4, 5]
     assert "empty" in error.rows[1]
-    assert "not an image" in error.rows[2]
+    assert error.rows[2] == "PDF document; only JPEG and PNG are accepted"
     assert "truncated" in error.rows[3]
-    assert "too large" in error.rows[4] and str(MAX_PIXELS) in error.rows[4]
+    assert "too large" in error.rows[4] and str(max_source_pixels(64, 128)) in error.rows[4]
     assert "null" in error.rows[5]
     for index in (1, 2, 3, 4, 5):
         assert f"row {index}:" in error.message
     assert "row 0:" not in error.message and "row 6:" not in error.message
+
+
+def test_base64_text_null_and_numeric_rows_are_named_in_process(served, originals):
+    good = originals[0][1]
+    text = base64.encodebytes(good).decode("ascii")  # with newlines, as MLflow's client writes it
+    frame = served["model"].predict(pd.DataFrame({IMAGE_COLUMN: [text, good]}))
+    assert frame["label"][0] == frame["label"][1]
+    np.testing.assert_allclose(frame[list(schema.PROB_COLUMNS)].iloc[0], frame[list(schema.PROB_COLUMNS)].iloc[1])
+    with pytest.raises(BadImageRows) as caught:
+        served["model"].predict(pd.DataFrame({IMAGE_COLUMN: [text, None, 7, "abcde", "é", 2.5]}, dtype=object))
+    assert sorted(caught.value.rows) == [1, 2, 3, 4, 5]
+    assert caught.value.rows[1] == "missing image (null)"
+    assert caught.value.rows[2] == "expected base64 JPEG/PNG bytes, got int"
+    assert caught.value.rows[3].startswith("not base64") and caught.value.rows[4].startswith("not base64")
+
+
+def test_an_error_reply_lists_the_first_bad_rows_and_counts_the_rest(served):
+    from ecg_mlflow.serving.limits import MAX_LISTED_ROWS
+
+    rows = [b"GIF89a" + bytes(20) for _ in range(30)] + [b"x" * 5000 for _ in range(2)]
+    with pytest.raises(BadImageRows) as caught:
+        served["model"].predict(pd.DataFrame({IMAGE_COLUMN: rows}))
+    error = caught.value
+    assert len(error.rows) == 32 and f"row {MAX_LISTED_ROWS - 1}: GIF image" in error.message
+    assert f"row {MAX_LISTED_ROWS}:" not in error.message
+    assert f"and {32 - MAX_LISTED_ROWS} more bad rows, not listed" in error.message
+    assert len(error.message) < 3000
+
+
+def test_a_request_over_the_row_limit_is_refused_before_decoding(served):
+    from ecg_mlflow.serving.limits import DEFAULT_MAX_ROWS, MAX_ROWS_ENV
+
+    with pytest.raises(TooManyRows) as caught:
+        served["model"].predict(pd.DataFrame({IMAGE_COLUMN: [b"x"] * (DEFAULT_MAX_ROWS + 1)}))
+    assert caught.value.get_http_status_code() == 400
+    assert f"{DEFAULT_MAX_ROWS + 1} rows; the limit is {DEFAULT_MAX_ROWS} rows per request" in caught.value.message
+    assert MAX_ROWS_ENV in caught.value.message
 
 
 def test_a_frame_without_the_image_column_is_a_400_naming_it(served):
@@ -141,14 +180,14 @@ def test_png_rgba_and_grayscale_inputs_are_served(served, originals):
 
 
 def test_preprocessing_is_parsed_from_run_params_with_clear_errors():
-    prep = Preprocessing.from_run_params({"arch": "resnet50", "image_height": "512", "image_width": "1024",
+    prep = preprocessing_of_run({"arch": "resnet50", "image_height": "512", "image_width": "1024",
                                           "crop": "grid"}, "r1")
     assert prep == Preprocessing("resnet50", 512, 1024, "grid")
     assert Preprocessing.from_config(prep.to_config()) == prep
     with pytest.raises(ValueError, match="run r2 lacks the param.*crop"):
-        Preprocessing.from_run_params({"arch": "resnet50", "image_height": "512", "image_width": "1024"}, "r2")
+        preprocessing_of_run({"arch": "resnet50", "image_height": "512", "image_width": "1024"}, "r2")
     with pytest.raises(ValueError, match="run r3 .*image_height"):
-        Preprocessing.from_run_params({"arch": "resnet50", "image_height": "tall", "image_width": "1024",
+        preprocessing_of_run({"arch": "resnet50", "image_height": "tall", "image_width": "1024",
                                        "crop": "none"}, "r3")
 
 

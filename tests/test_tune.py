@@ -69,7 +69,9 @@ def test_bad_seeds_name_the_parameter(raw, message):
     ("--timeout", "-5", "timeout must be a non-negative"),
     ("--seeds", "2-1", "seeds: range"),
     ("--storage", "redis://localhost/0", "storage must be an SQLAlchemy URL"),
-    ("--storage", "postgresql+psycopg2://u:hunter2@127.0.0.1:1/db", "storage: cannot open"),
+    ("--storage", "postgresql+psycopg2://u:hunter2@127.0.0.1:1/db", "storage must not carry a password"),
+    ("--storage", "postgresql://u:hunter2/x@127.0.0.1:1/db", "storage must not carry a password"),
+    ("--storage", "postgresql://u:hunter2@x@127.0.0.1:1/db", "storage must not carry a password"),
     ("--study-name", "a b", "study_name may hold"),
     ("--max-epochs", "0", "max_epochs must be at least 1"),
     ("--arch", "alexnet", "arch must be one of"),
@@ -87,6 +89,63 @@ def test_bad_values_fail_with_one_line_naming_the_parameter(option, value, fragm
 def test_redacted_storage_hides_the_password():
     assert tune_config.redact_storage("postgresql+psycopg2://ecg:s3cret@127.0.0.1:5432/optuna") == (
         "postgresql+psycopg2://ecg:***@127.0.0.1:5432/optuna")
+    for password in ("hunter2/x", "hun@ter2", "a/b@c:d", "%2F"):
+        redacted = tune_config.redact_storage(f"postgresql://ecg:{password}@db.example:5432/optuna")
+        assert redacted == "postgresql://ecg:***@db.example:5432/optuna", password
+    assert tune_config.redact_storage("postgresql://ecg@db.example:5432/optuna") == "postgresql://ecg@db.example:5432/optuna"
+
+
+def test_the_password_comes_from_the_environment_or_a_file(tmp_path):
+    url = "postgresql+psycopg2://ecg@db.example:5432/optuna"
+    assert tune_config.connection_url(url, {}) == url
+    connect = tune_config.connection_url(url, {tune_config.PASSWORD_ENV: "p/ss@rd"})
+    from sqlalchemy.engine import make_url
+
+    assert make_url(connect).password == "p/ss@rd" and make_url(connect).host == "db.example"
+    secret = tmp_path / "optuna-password"
+    secret.write_text("from-file\n")
+    assert make_url(tune_config.connection_url(url, {tune_config.PASSWORD_FILE_ENV: str(secret)})).password == "from-file"
+    with pytest.raises(ConfigError, match=f"^{tune_config.PASSWORD_FILE_ENV}: cannot read"):
+        tune_config.storage_password({tune_config.PASSWORD_FILE_ENV: str(tmp_path / "missing")})
+    assert tune_config.parse_tune_config(storage=url).as_params()["storage"] == url
+
+
+def test_a_refused_connection_never_shows_the_password(tmp_path, synthetic, monkeypatch):
+    from ecg_mlflow.cli import main
+
+    monkeypatch.setenv(tune_config.PASSWORD_ENV, "hunter2/x@y")
+    args = ["tune", "--data", str(synthetic), "--storage", "postgresql+psycopg2://u@127.0.0.1:1/db"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "storage: cannot open 'postgresql+psycopg2://u@127.0.0.1:1/db'" in result.output
+    assert "hunter2" not in result.output
+
+
+@pytest.mark.slow
+def test_mlflow_run_tune_refuses_a_password_in_the_url_and_logs_none_from_the_environment(
+        synthetic, tracking_uri, tmp_path):
+    import mlflow
+
+    from serving_fixtures import server_env
+
+    def mlflow_run(storage: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+        command = ["mlflow", "run", str(PROJECT_ROOT), "-e", "tune", "--env-manager", "local",
+                   "--experiment-name", "tune-secrets", "-P", f"data={synthetic}", "-P", "weights=none",
+                   "-P", "arch=vgg16", "-P", f"storage={storage}"]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+    env = server_env(tracking_uri)
+    refused = mlflow_run("postgresql+psycopg2://u:hunter2@127.0.0.1:1/db", env)
+    assert refused.returncode != 0
+    assert "storage must not carry a password" in refused.stderr + refused.stdout
+
+    env[tune_config.PASSWORD_ENV] = "hunter2"
+    unreachable = mlflow_run("postgresql+psycopg2://u@127.0.0.1:1/db", env)
+    assert unreachable.returncode != 0 and "storage: cannot open" in unreachable.stderr + unreachable.stdout
+    assert "hunter2" not in unreachable.stderr + unreachable.stdout
+    runs = mlflow.search_runs(experiment_names=["tune-secrets"], output_format="list")
+    assert len(runs) == 2
+    clean = [r for r in runs if "hunter2" not in json.dumps([r.data.params, r.data.tags])]
+    assert len(clean) == 1 and clean[0].data.params["storage"] == "postgresql+psycopg2://u@127.0.0.1:1/db"
 
 
 def test_mlproject_tune_passes_every_parameter_to_the_cli():
@@ -341,9 +400,14 @@ def test_two_postgres_workers_make_one_study(team_server, synthetic, tmp_path): 
                             manifest, make_split(manifest, "paper", 1), progress=False)
     assert warm.cache.misses == 24
 
-    args = [ECG_MLFLOW, "tune", *tiny_args(synthetic, cache), "--storage", team_server.optuna_storage,
+    from sqlalchemy.engine import make_url
+
+    storage = make_url(team_server.optuna_storage)  # the password travels in the environment
+    args = [ECG_MLFLOW, "tune", *tiny_args(synthetic, cache), "--storage",
+            storage.set(password=None).render_as_string(hide_password=False),
             "--study-name", "two-workers", "--n-trials", "3", "--experiment", "tune-postgres"]
-    env = {**team_server.client_env(), "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**team_server.client_env(), "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "",
+           tune_config.PASSWORD_ENV: storage.password}
     workers = [subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]

@@ -7,12 +7,25 @@ NOT done here: it lives inside the saved model, which takes RGB values 0..255.
 
 from __future__ import annotations
 
-import io
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from ecg_mlflow.data.decode import (
+    EXACT_PATH_PIXELS,
+    MAX_PIXELS,
+    ImageDecodeError,
+    check_expansion,
+    check_pixels,
+    decode_reduced,
+    describe_failure,
+    max_source_pixels,
+    open_accepted,
+)
+
+__all__ = ["CROPS", "GRID_BOX", "MAX_PIXELS", "ImageDecodeError", "load_batch", "load_pixels", "open_image"]
 
 CROPS: tuple[str, ...] = ("none", "grid")
 
@@ -21,10 +34,6 @@ GRID_BOX: tuple[float, float, float, float] = (72 / 2213, 287 / 1572, 2173 / 221
 original (x 72..2173, y 287..1514). `crop="grid"` keeps only this box, dropping the printed
 header (exam ID) and footer (heart rate) a model could otherwise read instead of the traces.
 Fractions, so the box applies to the half-size copies and to any other size alike."""
-
-MAX_PIXELS: int = 40_000_000
-"""Images with more pixels (from the file header) are refused before any decoding, so an
-absurd upload fails at once instead of eating memory. A Mendeley original has 3.5 M."""
 
 SUPPORTED_MODES: frozenset[str] = frozenset(
     {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
@@ -38,38 +47,33 @@ averages over the source area (no aliasing of the thin trace lines)."""
 _PAPER_WHITE = (255, 255, 255)
 
 
-class ImageDecodeError(ValueError):
-    """An input that cannot be turned into pixels; the message says why."""
-
-
-def open_image(source: bytes | str | Path) -> Image.Image:
-    """Open lazily (header only) and refuse empty, non-image, oversized or odd-mode input."""
+def open_image(source: bytes | str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open lazily (header only) and refuse empty, non-JPEG/PNG, oversized, bomb or odd-mode input."""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        if not data:
-            raise ImageDecodeError("empty input: 0 bytes")
-        stream: io.BytesIO | Path = io.BytesIO(data)
+        data: bytes | Path = bytes(source)
+        n_bytes = len(data)
     else:
-        stream = Path(source)
+        data = Path(source)
         try:
-            if stream.stat().st_size == 0:
-                raise ImageDecodeError("empty file: 0 bytes")
+            n_bytes = data.stat().st_size
         except OSError as exc:
             raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc
+    if n_bytes == 0:
+        raise ImageDecodeError("empty input: 0 bytes" if isinstance(data, bytes) else "empty file: 0 bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(stream)
+            image = open_accepted(data)
+    except ImageDecodeError:
+        raise
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"image too large: {exc}; the limit is {MAX_PIXELS} pixels") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageDecodeError("not an image (no JPEG/PNG or other known image header)") from exc
-    width, height = image.size
-    if width * height > MAX_PIXELS:
-        raise ImageDecodeError(
-            f"image too large: {width} x {height} = {width * height} pixels, "
-            f"the limit is {MAX_PIXELS} pixels"
-        )
+        raise ImageDecodeError(f"image too large: {exc}; the limit is {max_pixels} pixels") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageDecodeError(f"not a readable JPEG/PNG image ({describe_failure(exc)})") from exc
+    except Exception as exc:  # a decoder bug on hostile bytes is still just a bad image
+        raise ImageDecodeError(f"cannot read the image header ({describe_failure(exc)})") from exc
+    check_pixels(image.size, max_pixels)
+    check_expansion(image.size, n_bytes)
     if image.mode not in SUPPORTED_MODES:
         raise ImageDecodeError(
             f"unsupported image mode {image.mode!r}: use 8-bit RGB, grayscale or palette images"
@@ -126,14 +130,41 @@ def load_pixels(source: bytes | str | Path, height: int, width: int, crop: str =
     if height < 1 or width < 1:
         raise ValueError(f"height and width must be positive, got {height} x {width}")
     crop_box((1, 1), crop)  # validates crop before any decoding
-    image = decode(open_image(source))
-    image = to_rgb(ImageOps.exif_transpose(image))
-    box = crop_box(image.size, crop)
-    if box != (0, 0, *image.size):
-        image = image.crop(box)
-    if image.size != (width, height):
-        image = image.resize((width, height), RESAMPLE)
-    return np.asarray(image, dtype=np.uint8)
+    try:
+        return decode_pixels(open_image(source, max_source_pixels(height, width)), height, width, crop)
+    except ImageDecodeError as exc:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            raise
+        raise ImageDecodeError(f"{source}: {exc}") from exc
+
+
+def decode_pixels(image: Image.Image, height: int, width: int, crop: str) -> np.ndarray:
+    """The pixels of an opened image; any exception of a decoder becomes an ImageDecodeError."""
+    try:
+        if image.width * image.height <= EXACT_PATH_PIXELS:
+            image = to_rgb(ImageOps.exif_transpose(decode(image)))
+        else:
+            image = decode_reduced(image, uncropped_size(height, width, crop), to_rgb)
+        box = crop_box(image.size, crop)
+        if box != (0, 0, *image.size):
+            image = image.crop(box)
+        if image.size != (width, height):
+            image = image.resize((width, height), RESAMPLE)
+        return np.asarray(image, dtype=np.uint8)
+    except ImageDecodeError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageDecodeError(f"truncated or corrupt image data ({describe_failure(exc)})") from exc
+    except MemoryError as exc:
+        raise ImageDecodeError("out of memory decoding the image") from exc
+    except Exception as exc:  # a decoder bug on hostile bytes is still just a bad image
+        raise ImageDecodeError(f"cannot decode the image ({describe_failure(exc)})") from exc
+
+
+def uncropped_size(height: int, width: int, crop: str) -> tuple[int, int]:
+    """(width, height) of the whole image whose `crop` box resizes to height x width."""
+    left, top, right, bottom = crop_box((1_000_000, 1_000_000), crop)
+    return (-(-width * 1_000_000 // (right - left)), -(-height * 1_000_000 // (bottom - top)))
 
 
 def load_batch(sources, height: int, width: int, crop: str = "none") -> np.ndarray:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from typing import Sequence
 
 import pandas as pd
 
 from ecg_mlflow import schema
+from ecg_mlflow.serving.limits import DEFAULT_MAX_ROWS
 from ecg_mlflow.serving.pyfunc import EXPLAIN_COLUMNS, IMAGE_COLUMN, OUTPUT_COLUMNS
 
 
@@ -41,9 +43,20 @@ def invocations_url(url: str) -> str:
 
 
 def predict_over_http(url: str, images: Sequence[bytes], *, timeout: float = 300.0, session=None,
-                      explain: bool = False) -> pd.DataFrame:
-    """Send images to a served model and return its frame (label + prob_* per image; with
-    `explain`, also the text share and attr_<region> columns)."""
+                      explain: bool = False, chunk_rows: int = DEFAULT_MAX_ROWS) -> pd.DataFrame:
+    """Send images to a served model, `chunk_rows` per request (the server's default row
+    limit), and return its frame (label + prob_* per image, in order; with `explain`, also
+    the text share and attr_<region> columns)."""
+    frames = [post_chunk(url, images[start:start + chunk_rows], start, timeout=timeout, session=session,
+                         explain=explain)
+              for start in range(0, len(images), chunk_rows)] or [post_chunk(url, [], 0, timeout=timeout,
+                                                                             session=session, explain=explain)]
+    return pd.concat(frames, ignore_index=True)
+
+
+def post_chunk(url: str, images: Sequence[bytes], start: int, *, timeout: float, session=None,
+               explain: bool = False) -> pd.DataFrame:
+    """One request; an error's `row i` is renumbered to count from the first image sent overall."""
     import requests
 
     http = session or requests
@@ -59,6 +72,9 @@ def predict_over_http(url: str, images: Sequence[bytes], *, timeout: float = 300
             message = response.text
         # the scoring server prefixes "Failed to predict data '<the whole frame>'. Error: "
         message = message.split("\nError: ", 1)[-1]
+        if start:
+            message = re.sub(r"\brow (\d+):", lambda m: f"row {int(m[1]) + start}:", message)
+            message = f"(images {start}-{start + len(images) - 1}) {message}"
         raise ServingError(f"server answered HTTP {response.status_code}: {message}", response.status_code)
     predictions = response.json()["predictions"]
     return pd.DataFrame(predictions, columns=list(OUTPUT_COLUMNS + (EXPLAIN_COLUMNS if explain else ())))

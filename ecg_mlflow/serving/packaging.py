@@ -17,14 +17,17 @@ SERVING_EXTRA_REQUIREMENTS = ("pillow", "numpy", "pandas")
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 SERVED_MODULES: tuple[str, ...] = (
     "__init__.py",
+    "parsing.py",
     "schema.py",
     "data/__init__.py",
     "data/classes.py",
+    "data/decode.py",
     "data/preprocess.py",
     "model/__init__.py",
     "model/regions.py",
     "model/explain.py",
     "serving/__init__.py",
+    "serving/limits.py",
     "serving/pyfunc.py",
 )
 """What the served model imports, relative to the package: shipped with every version."""
@@ -52,15 +55,19 @@ def preprocessing_of_run(params: dict[str, str], run_id: str) -> Preprocessing:
 
 
 def serving_signature():
-    """ColSpec binary `image` in; `label` string and four doubles out, plus the optional
-    explanation columns; param `explain` (boolean, default false) asks for those. `image` is
-    declared optional only so that a request without it reaches `predict` and gets a 400
-    naming it (MLflow's own check for a missing required column answers 500)."""
+    """ColSpec `image` of type any in; `label` string and four doubles out, plus the optional
+    explanation columns; param `explain` (boolean, default false) asks for those.
+
+    `image` is `any`, not `binary`: for a binary column MLflow base64-decodes the JSON values
+    itself and fails on a null, a number or bad base64 with an error that names no row; as
+    `any` they reach `predict`, which decodes base64 row by row (pyfunc.image_bytes) and names
+    each bad row. It is optional only so that a request without it reaches `predict` and gets
+    a 400 naming it (MLflow's own check for a missing required column answers 500)."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec("binary", IMAGE_COLUMN, required=False)]),
+        inputs=Schema([ColSpec(AnyType(), IMAGE_COLUMN, required=False)]),
         outputs=Schema([ColSpec("string", LABEL_COLUMN)] + [ColSpec("double", c) for c in schema.PROB_COLUMNS]
                        + [ColSpec("double", c, required=False) for c in EXPLAIN_COLUMNS]),
         params=ParamSchema([ParamSpec(schema.EXPLAIN_PARAM, "boolean", False)]),

@@ -16,11 +16,22 @@ exactly the work they did before.
 
 Bad input never reaches the model: every row is decoded first, every bad row is collected,
 and one `BadImageRows` (an MlflowException with INVALID_PARAMETER_VALUE, which MLflow's
-scoring server answers with HTTP 400) names them all with their reasons.
+scoring server answers with HTTP 400) names them with their reasons (the first
+limits.MAX_LISTED_ROWS, then a count). The `image` column is declared `any` in the
+signature, so MLflow hands over the JSON values as they came (a null, a number, bad base64)
+and `image_bytes` decodes base64 here, naming the row that fails; in process, bytes pass.
+
+Memory is bounded (serving/limits.py): a request has at most `max_rows` rows, decoded one at
+a time into a uint8 buffer at the model's input size; at most `max_concurrent_requests`
+requests decode and predict at once. Any other failure is logged with its stack trace and
+answered with a short message: MLflow would otherwise put the trace in the reply.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -28,13 +39,14 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 from mlflow.pyfunc import PythonModel
 
 from ecg_mlflow import schema
 from ecg_mlflow.data.classes import CLASSES
 from ecg_mlflow.data.preprocess import ImageDecodeError, load_pixels
 from ecg_mlflow.model import regions
+from ecg_mlflow.serving.limits import MAX_ROWS_ENV, list_bad_rows, resolve_limits
 
 IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
@@ -46,6 +58,10 @@ EXPLAIN_COLUMNS: tuple[str, ...] = (schema.COL_TEXT_SHARE,) + tuple(
 KERAS_ARTIFACT = "keras_model"
 PREDICT_BATCH = 8
 """Images per Keras call: bounds the activation memory of a large request."""
+LOGGED_TRACES_PER_REQUEST = 3
+"""Decoder failures per request whose stack trace goes to the server log."""
+
+_logger = logging.getLogger(__name__)
 
 
 class BadImageRows(MlflowException):
@@ -53,7 +69,7 @@ class BadImageRows(MlflowException):
 
     def __init__(self, rows: dict[int, str], n_rows: int):
         self.rows = dict(rows)
-        listed = "; ".join(f"row {i}: {reason}" for i, reason in sorted(self.rows.items()))
+        listed = list_bad_rows(self.rows)
         super().__init__(
             f"{len(self.rows)} of {n_rows} rows of column {IMAGE_COLUMN!r} are not usable "
             f"images (rows count from 0 in request order): {listed}",
@@ -71,6 +87,38 @@ class MissingImageColumn(MlflowException):
             f"the request has no {IMAGE_COLUMN!r} column{sent}; send "
             f'{{"dataframe_records": [{{"{IMAGE_COLUMN}": "<base64 JPEG or PNG bytes>"}}]}}',
             error_code=INVALID_PARAMETER_VALUE,
+        )
+
+
+class TooManyRows(MlflowException):
+    """A request with more rows than the served model takes at once."""
+
+    def __init__(self, n_rows: int, max_rows: int):
+        super().__init__(
+            f"the request has {n_rows} rows; the limit is {max_rows} rows per request "
+            f"({MAX_ROWS_ENV} on the server); send the images in chunks of at most {max_rows}",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
+
+
+class ServerBusy(MlflowException):
+    """No decoding slot came free in time (HTTP 503); the client may retry."""
+
+    def __init__(self, max_concurrent: int, waited_s: float):
+        super().__init__(
+            f"server busy: {max_concurrent} requests are decoding at once (the limit) and no slot "
+            f"came free within {waited_s:.0f} s; retry later",
+            error_code=TEMPORARILY_UNAVAILABLE,
+        )
+
+
+class PredictionFailed(MlflowException):
+    """An unexpected failure: the reply says so in one line; the server log has the trace."""
+
+    def __init__(self, exc: BaseException):
+        super().__init__(
+            f"internal error while predicting ({type(exc).__name__}); the server log has the details",
+            error_code=INTERNAL_ERROR,
         )
 
 
@@ -94,26 +142,36 @@ class Preprocessing:
 
 
 
+def image_bytes(value: Any) -> bytes:
+    """A row's image bytes: bytes as they are (in process), a str as base64 (JSON over HTTP,
+    newlines allowed as MLflow's own client writes them); anything else is an ImageDecodeError."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        raise ImageDecodeError("missing image (null)")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if not isinstance(value, str):
+        raise ImageDecodeError(f"expected base64 JPEG/PNG bytes, got {type(value).__name__}")
+    try:
+        return base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageDecodeError("not base64: send the JPEG/PNG bytes base64-encoded") from None
+
+
 def decode_rows(images: Sequence[Any], prep: Preprocessing) -> np.ndarray:
-    """All rows as float32 (n, H, W, 3) pixels 0..255; BadImageRows names every bad row."""
-    pixels: list[np.ndarray] = []
+    """All rows as uint8 (n, H, W, 3) pixels 0..255, decoded one at a time into one buffer;
+    BadImageRows names every bad row (the first few decoder traces go to the server log)."""
+    pixels = np.zeros((len(images), prep.image_height, prep.image_width, 3), np.uint8)
     bad: dict[int, str] = {}
     for index, value in enumerate(images):
-        if value is None or (isinstance(value, float) and np.isnan(value)):
-            bad[index] = "missing image (null)"
-            continue
-        if not isinstance(value, (bytes, bytearray, memoryview)):
-            bad[index] = f"expected image bytes, got {type(value).__name__}"
-            continue
         try:
-            pixels.append(load_pixels(bytes(value), prep.image_height, prep.image_width, prep.crop))
+            pixels[index] = load_pixels(image_bytes(value), prep.image_height, prep.image_width, prep.crop)
         except ImageDecodeError as exc:
             bad[index] = str(exc)
+            if exc.__cause__ is not None and len(bad) <= LOGGED_TRACES_PER_REQUEST:
+                _logger.warning("row %d refused: %s", index, exc, exc_info=exc)
     if bad:
         raise BadImageRows(bad, len(images))
-    if not pixels:
-        return np.zeros((0, prep.image_height, prep.image_width, 3), np.float32)
-    return np.stack(pixels).astype(np.float32)
+    return pixels
 
 
 def explanation_frame(probabilities: np.ndarray, of_predicted: np.ndarray) -> pd.DataFrame:
@@ -141,7 +199,7 @@ def probabilities_frame(probabilities: np.ndarray) -> pd.DataFrame:
 
 
 class EcgImageClassifier(PythonModel):
-    """Pyfunc: DataFrame with a binary `image` column -> `label` and `prob_*` per row."""
+    """Pyfunc: DataFrame with an `image` column (bytes or base64) -> `label` and `prob_*` per row."""
 
     def load_context(self, context) -> None:
         import keras
@@ -152,6 +210,8 @@ class EcgImageClassifier(PythonModel):
         self._model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False, safe_mode=True)
         self._lock = threading.Lock()
         self._explainer = None  # (maps model, head), built on the first `explain` request
+        self._limits = resolve_limits(context.model_config)
+        self._slots = threading.BoundedSemaphore(self._limits.max_concurrent_requests)
         # The first call traces the graph (seconds); pay it at load time, not on a request.
         self._infer(np.zeros((1, self._prep.image_height, self._prep.image_width, 3), np.float32))
 
@@ -159,7 +219,7 @@ class EcgImageClassifier(PythonModel):
         # The scoring server runs requests in threads; TF already uses every core for one
         # batch, so inference is serialised while decoding (in PIL, GIL released) overlaps.
         with self._lock:
-            out = [np.asarray(self._model.predict_on_batch(pixels[i:i + PREDICT_BATCH]))
+            out = [np.asarray(self._model.predict_on_batch(pixels[i:i + PREDICT_BATCH].astype(np.float32)))
                    for i in range(0, len(pixels), PREDICT_BATCH)]
         return np.concatenate(out) if out else np.zeros((0, len(CLASSES)))
 
@@ -185,8 +245,8 @@ class EcgImageClassifier(PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Args:
-            model_input: one row per image; column `image` holds JPEG/PNG bytes (the
-                scoring server has already base64-decoded them from JSON).
+            model_input: one row per image; column `image` holds JPEG/PNG bytes, or their
+                base64 text (as JSON carries them over HTTP); at most `max_rows` rows.
             params: `{"explain": true}` adds the per-region attribution (EXPLAIN_COLUMNS).
 
         Returns:
@@ -196,13 +256,28 @@ class EcgImageClassifier(PythonModel):
             signed, logit units; regions of model/regions.py).
 
         Raises:
-            MissingImageColumn, BadImageRows: MlflowExceptions that the server answers with 400.
+            MissingImageColumn, TooManyRows, BadImageRows: answered with HTTP 400.
+            ServerBusy: no decoding slot within `queue_timeout_s` (503).
+            PredictionFailed: anything else, in one line without a trace (500).
         """
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
             columns = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else []
             raise MissingImageColumn(columns)
-        pixels = decode_rows(list(model_input[IMAGE_COLUMN]), self._prep)
-        if wants_explanation(params) and len(pixels):
-            explained = self._explain(pixels)
-            return explanation_frame(explained.probabilities, explained.of_predicted)
-        return probabilities_frame(self._infer(pixels))
+        limits = self._limits
+        if len(model_input) > limits.max_rows:
+            raise TooManyRows(len(model_input), limits.max_rows)
+        if not self._slots.acquire(timeout=limits.queue_timeout_s):
+            raise ServerBusy(limits.max_concurrent_requests, limits.queue_timeout_s)
+        try:
+            pixels = decode_rows(list(model_input[IMAGE_COLUMN]), self._prep)
+            if wants_explanation(params) and len(pixels):
+                explained = self._explain(pixels)
+                return explanation_frame(explained.probabilities, explained.of_predicted)
+            return probabilities_frame(self._infer(pixels))
+        except MlflowException:
+            raise
+        except Exception as exc:
+            _logger.exception("prediction failed")
+            raise PredictionFailed(exc) from None
+        finally:
+            self._slots.release()

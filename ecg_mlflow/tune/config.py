@@ -5,8 +5,11 @@ parsed and validated (one line naming the parameter).
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
 
 from ecg_mlflow.config import ConfigError, TrainConfig, parse_int, parse_train_config
 from ecg_mlflow.config import parse_seeds as config_parse_seeds
@@ -20,6 +23,10 @@ PRUNER_WARMUP_EPOCHS = 5
 SAMPLER_STARTUP_TRIALS = 10
 MAX_SEEDS = 20
 STORAGE_PREFIXES = ("sqlite:///", "postgresql", "mysql")
+PASSWORD_ENV = "ECG_MLFLOW_OPTUNA_PASSWORD"
+PASSWORD_FILE_ENV = "ECG_MLFLOW_OPTUNA_PASSWORD_FILE"
+"""Where the storage password comes from: never the `storage` URL, which MLflow logs as a
+param (under `mlflow run`, before the command even starts) and prints in the command line."""
 TUNE_TRAIN_FIELDS: tuple[str, ...] = (
     "arch", "data", "weights", "image_height", "image_width", "split", "crop",
     "cache_dir", "max_epochs", "patience",
@@ -61,19 +68,61 @@ def parse_seeds(raw) -> tuple[int, ...]:
 
 
 def check_storage(raw) -> str:
-    """An Optuna RDB URL: sqlite:///file.db (one machine) or postgresql://... (parallel)."""
+    """An Optuna RDB URL without a password: sqlite:///file.db (one machine) or
+    postgresql+psycopg2://user@host/db (parallel), the password from PASSWORD_ENV."""
     value = str(raw).strip()
     if not value.startswith(STORAGE_PREFIXES):
         raise ConfigError(
             f"storage must be an SQLAlchemy URL such as sqlite:///optuna.db or "
-            f"postgresql+psycopg2://user:pass@host/db; got {redact_storage(value)!r}"
+            f"postgresql+psycopg2://user@host/db; got {redact_storage(value)!r}"
+        )
+    if has_password(value):
+        raise ConfigError(
+            f"storage must not carry a password ({redact_storage(value)!r}): MLflow logs the storage "
+            f"parameter in the run's params; write postgresql+psycopg2://user@host/db and set "
+            f"{PASSWORD_ENV} (or {PASSWORD_FILE_ENV}, a file holding it)"
         )
     return value
 
 
+def has_password(url: str) -> bool:
+    """Whether SQLAlchemy would read a password in `url` (any characters, '/' and '@' too)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).password is not None
+    except Exception:  # unparsable: trust the pattern user:...@ after the scheme
+        return re.search(r"://[^:/@]*:.*@", url, flags=re.S) is not None
+
+
 def redact_storage(url: str) -> str:
-    """The storage URL with any password replaced, fit for logs and MLflow params."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+    """The storage URL with any password replaced, fit for logs: everything from the user's
+    ':' to the last '@' goes, so a password holding '/' or '@' is hidden too."""
+    return re.sub(r"(://[^:/@]*):.*@", r"\1:***@", url, flags=re.S)
+
+
+def storage_password(environ: Mapping[str, str] | None = None) -> str | None:
+    """The storage password from PASSWORD_ENV, else from the file PASSWORD_FILE_ENV names."""
+    environ = os.environ if environ is None else environ
+    if environ.get(PASSWORD_ENV):
+        return environ[PASSWORD_ENV]
+    path = environ.get(PASSWORD_FILE_ENV, "").strip()
+    if not path:
+        return None
+    try:
+        return Path(path).expanduser().read_text().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{PASSWORD_FILE_ENV}: cannot read {path!r} ({exc.strerror or exc})") from None
+
+
+def connection_url(url: str, environ: Mapping[str, str] | None = None) -> str:
+    """`url` with the environment's password in it: for SQLAlchemy only, never logged."""
+    password = storage_password(environ)
+    if password is None or url.startswith("sqlite:"):
+        return url
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(password=password).render_as_string(hide_password=False)
 
 
 def parse_tune_config(

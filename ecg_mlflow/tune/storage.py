@@ -12,7 +12,7 @@ from pathlib import Path
 from ecg_mlflow.config import ConfigError
 from ecg_mlflow.tune.config import (
     DIRECTION, OBJECTIVE, PRUNER_STARTUP_TRIALS, PRUNER_WARMUP_EPOCHS, SAMPLER_STARTUP_TRIALS, TuneConfig,
-    check_storage, redact_storage,
+    check_storage, connection_url, redact_storage, storage_password,
 )
 from ecg_mlflow.tune.space import params_from_head
 
@@ -30,6 +30,7 @@ def open_storage(url: str):
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
     url = check_storage(url)
+    connect = connection_url(url)
     engine_kwargs: dict[str, object] = {"pool_pre_ping": True}
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -39,7 +40,7 @@ def open_storage(url: str):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(
-                    url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                    connect, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL_S,
                     grace_period=HEARTBEAT_GRACE_S,
                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
                 )
@@ -51,8 +52,14 @@ def open_storage(url: str):
             time.sleep(0.5 * (attempt + 1))
         except Exception as exc:
             raise ConfigError(
-                f"storage: cannot open {redact_storage(url)!r} ({type(exc).__name__}: {exc})"
+                f"storage: cannot open {redact_storage(url)!r} ({type(exc).__name__}: {hide_password(str(exc))})"
             ) from None
+
+
+def hide_password(text: str) -> str:
+    """`text` (a driver's error) with the environment's storage password, if any, masked."""
+    password = storage_password()
+    return text.replace(password, "***") if password else text
 
 
 def make_sampler(seed: int):
