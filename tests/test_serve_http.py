@@ -106,7 +106,9 @@ def test_originals_over_http_equal_the_in_process_prediction(server, originals):
 @pytest.mark.parametrize("case, records, expected", [
     ("empty", lambda good: [{IMAGE_COLUMN: _b64(good)}, {IMAGE_COLUMN: ""}], ["row 1: empty input"]),
     ("not an image", lambda good: [{IMAGE_COLUMN: _b64(b"GIF? no, plain text")}], ["row 0: not an image"]),
-    ("truncated", lambda good: [{IMAGE_COLUMN: _b64(good[:5000])}], ["row 0: truncated"]),
+    # half of a real original: the decoded size stays under the compression-ratio limit (a
+    # 5 KB head of one is refused earlier, as a decompression bomb)
+    ("truncated", lambda good: [{IMAGE_COLUMN: _b64(good[: len(good) // 2])}], ["row 0: truncated"]),
     ("too large", lambda good: [{IMAGE_COLUMN: _b64(good)}, {IMAGE_COLUMN: _b64(good)},
                                 {IMAGE_COLUMN: _b64(png_header_only(20000, 20000))}],
      ["row 2: image too large", "400000000 pixels"]),
@@ -116,7 +118,8 @@ def test_originals_over_http_equal_the_in_process_prediction(server, originals):
     ("not base64", lambda good: [{IMAGE_COLUMN: "abcde"}], ["row 0: not base64"]),
     ("null", lambda good: [{IMAGE_COLUMN: _b64(good)}, {IMAGE_COLUMN: None}], ["row 1: missing image (null)"]),
     ("numeric", lambda good: [{IMAGE_COLUMN: 12}, {IMAGE_COLUMN: 2.5}],
-     ["row 0: expected base64 JPEG/PNG bytes, got int", "row 1: expected base64 JPEG/PNG bytes, got float"]),
+     # JSON numbers in one column reach the model as pandas made them (both floats here)
+     ["row 0: expected base64 JPEG/PNG bytes, got", "row 1: expected base64 JPEG/PNG bytes, got float"]),
     ("palette bomb", lambda good: [{IMAGE_COLUMN: _b64(palette_bomb(4000, 4000))}],
      ["row 0: decompression bomb", "4000 x 4000", "the limit is 2048 x its size"]),
     ("bomb over the pixel limit", lambda good: [{IMAGE_COLUMN: _b64(palette_bomb(6000, 6000))}],
