@@ -400,11 +400,14 @@ def test_two_postgres_workers_make_one_study(team_server, synthetic, tmp_path): 
                             manifest, make_split(manifest, "paper", 1), progress=False)
     assert warm.cache.misses == 24
 
-    from sqlalchemy.engine import make_url
+    from sqlalchemy.engine import URL, make_url
 
     storage = make_url(team_server.optuna_storage)  # the password travels in the environment
+    # (URL.set(password=None) would keep the password: set() ignores None)
+    without_password = URL.create(storage.drivername, username=storage.username, host=storage.host,
+                                  port=storage.port, database=storage.database)
     args = [ECG_MLFLOW, "tune", *tiny_args(synthetic, cache), "--storage",
-            storage.set(password=None).render_as_string(hide_password=False),
+            without_password.render_as_string(hide_password=False),
             "--study-name", "two-workers", "--n-trials", "3", "--experiment", "tune-postgres"]
     env = {**team_server.client_env(), "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "",
            tune_config.PASSWORD_ENV: storage.password}

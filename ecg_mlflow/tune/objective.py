@@ -22,6 +22,7 @@ from ecg_mlflow import schema
 from ecg_mlflow.model.head import HeadConfig
 from ecg_mlflow.tracking.runs import end_run_on_error
 from ecg_mlflow.tracking.server import is_unreachable
+from ecg_mlflow.tune.config import OBJECTIVE
 from ecg_mlflow.tune.space import suggest_head
 
 
