@@ -153,7 +153,8 @@ def prepare_features(
     paths_by_sha: dict[str, Path] = {}
     for record in manifest.records:
         paths_by_sha.setdefault(record.sha256, manifest.path_of(record))
-    key = FeatureKey(config.arch, config.weights, config.image_height, config.image_width, config.crop)
+    key = FeatureKey(config.arch, config.weights, config.image_height, config.image_width, config.crop,
+                     config.engine, config.precision)
     _say(progress, f"{run_name(config)}: features for {len(paths_by_sha)} unique images of {len(records)} files")
     features, cache = extract_features(
         paths_by_sha, key, config.cache_dir or default_cache_dir(), progress=progress

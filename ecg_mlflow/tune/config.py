@@ -22,7 +22,7 @@ MAX_SEEDS = 20
 STORAGE_PREFIXES = ("sqlite:///", "postgresql", "mysql")
 TUNE_TRAIN_FIELDS: tuple[str, ...] = (
     "arch", "data", "weights", "image_height", "image_width", "split", "crop",
-    "cache_dir", "max_epochs", "patience",
+    "cache_dir", "max_epochs", "patience", "engine", "precision",
 )
 """The `main` parameters `tune` takes; the head's own fields are what it searches."""
 
