@@ -115,6 +115,20 @@ ARTIFACT_CONFUSION_JSON = "confusion_matrix.json"
 ARTIFACT_CURVES = "training_curves.png"
 ARTIFACT_SPLIT = "split.csv"
 MODEL_ARTIFACT = "model"
+ARTIFACT_ENGINE_PROBE = "engine_probe.json"
+"""The logged model's output on engines.probe_pixels under the run's engine and precision:
+what a served model that must fall back to another engine measures its difference against."""
+METRIC_MODEL_MAX_ABS_DIFF = "model_max_abs_diff"
+PARAM_ENGINE = "engine"
+PARAM_PRECISION = "precision"
+# Keys of the serving model's config (MLmodel model_config) beside its preprocessing.
+CONFIG_ENGINE = "engine"
+CONFIG_PRECISION = "precision"
+CONFIG_PROBE = "engine_probe"
+TAG_SERVED_ENGINE = "served_engine"
+TAG_SERVED_PRECISION = "served_precision"
+"""Model version tags at promotion: the engine and precision the promoting host's serving
+model loads with (the recorded ones unless that host had to fall back)."""
 ARTIFACT_HEAD = "head.json"
 """The head fields a `head_config` file set, on runs trained with one."""
 TRAIN_RUN_ARTIFACTS: tuple[str, ...] = (
