@@ -47,6 +47,9 @@ STUDY_KEY_EXEMPT_PARAMS: frozenset[str] = frozenset({"arch", "seed", "data", "ca
 """Params outside a study's identity: the grid's own axes (backbone, seed) and where data and
 cache live (the data digest says whether the data is the same). `log_model` is IN the key:
 a study that must serve a model may not adopt runs that logged none."""
+PRE_ENGINE_PARAMS: dict[str, str] = {"engine": "keras", "precision": "fp32"}
+"""What every run trained before `engine` and `precision` existed computed with: a study key
+leaves these values out, so a study run with them still adopts the runs it finished before."""
 PAIRING_EXEMPT_PARAMS: frozenset[str] = STUDY_KEY_EXEMPT_PARAMS | {"log_model"}
 """Params that may differ between the two runs of a seed pair: those outside the study key,
 and `log_model`, which changes what was saved, not what was measured."""

@@ -38,7 +38,8 @@ def parse_archs(text: str) -> tuple[str, ...]:
 
 def study_key(archs: Sequence[str], config: TrainConfig, data_digest: str) -> str:
     """Identity of a study: same key, same experiment (seeds may be added)."""
-    params = {k: v for k, v in config.as_params().items() if k not in schema.STUDY_KEY_EXEMPT_PARAMS}
+    params = {k: v for k, v in config.as_params().items() if k not in schema.STUDY_KEY_EXEMPT_PARAMS
+              and schema.PRE_ENGINE_PARAMS.get(k) != v}
     params["head_config"] = head_config_digest(config)  # the head's content, not the file's path
     blob = json.dumps({"archs": list(archs), "params": params, "data": data_digest}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]

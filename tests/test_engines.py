@@ -236,3 +236,22 @@ def test_mlflow_models_serve_runs_the_engine_it_was_trained_with(promoted, origi
     np.testing.assert_allclose(served[list(schema.PROB_COLUMNS)].to_numpy(),
                                local[list(schema.PROB_COLUMNS)].to_numpy(), atol=SERVED_TOLERANCE)
     assert "ECG classifier serving with engine openvino, precision fp32" in log, log
+
+
+def test_a_keras_fp32_study_keeps_the_key_it_had_before_engines():
+    """A study that was running before engines existed, resumed with engine=keras, adopts its
+    finished runs; the other engines and precisions are other studies."""
+    import hashlib
+    import json
+
+    from ecg_mlflow.study import study_key
+
+    config = parse_train_config(engine="keras", precision="fp32")
+    before = {k: v for k, v in config.as_params().items()
+              if k not in schema.STUDY_KEY_EXEMPT_PARAMS | {"engine", "precision"}}
+    before["head_config"] = ""
+    blob = json.dumps({"archs": ["vgg16"], "params": before, "data": "d"}, sort_keys=True)
+    assert study_key(("vgg16",), config, "d") == hashlib.sha256(blob.encode()).hexdigest()[:24]
+    others = {study_key(("vgg16",), replace(config, engine=e, precision=p), "d")
+              for e, p in (("openvino", "fp32"), ("openvino", "bf16"))}
+    assert len(others | {study_key(("vgg16",), config, "d")}) == 3

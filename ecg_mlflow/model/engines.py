@@ -137,16 +137,24 @@ def require_engine(engine: str, precision: str) -> EngineChoice:
     return choice
 
 
+def convert_keras(model):
+    """The OpenVINO model of a Keras model (traced through TensorFlow: tens of seconds)."""
+    import openvino
+
+    with warnings.catch_warnings():  # Keras' note on input structure during tracing
+        warnings.simplefilter("ignore")
+        return openvino.convert_model(model)
+
+
 class OpenVinoRunner:
     """A Keras model compiled by OpenVINO for the CPU, called like `predict_on_batch`:
-    a float32 batch in, one array out (a list of arrays for a model with several outputs)."""
+    a float32 batch in, one array out (a list of arrays for a model with several outputs).
+    `converted` reuses one conversion for several precisions."""
 
-    def __init__(self, model, precision: str):
+    def __init__(self, model, precision: str, *, converted=None):
         import openvino
 
-        with warnings.catch_warnings():  # Keras' note on input structure during tracing
-            warnings.simplefilter("ignore")
-            converted = openvino.convert_model(model)
+        converted = convert_keras(model) if converted is None else converted
         config = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY"}
         self.compiled = openvino.Core().compile_model(converted, OPENVINO_DEVICE, config)
         self.precision = precision
