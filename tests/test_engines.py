@@ -255,3 +255,22 @@ def test_a_keras_fp32_study_keeps_the_key_it_had_before_engines():
     others = {study_key(("vgg16",), replace(config, engine=e, precision=p), "d")
               for e, p in (("openvino", "fp32"), ("openvino", "bf16"))}
     assert len(others | {study_key(("vgg16",), config, "d")}) == 3
+
+
+def test_the_decode_pool_feeds_every_batch_in_order(tmp_path_factory, tmp_path):
+    """Three batches decoded by the pool, ahead of the backbone: each image's features are those
+    of its own pixels, exactly as one thread with load_batch would have fed them."""
+    from ecg_mlflow.model.backbones import build_feature_extractor
+    from ecg_mlflow.model.features import FEATURE_BATCH_SIZE, _pad_batch
+
+    manifest = build_manifest(shared_demo_set(tmp_path_factory), progress=False)
+    paths = {r.sha256: manifest.path_of(r) for r in manifest.records[:20]}
+    model = build_feature_extractor("vgg16", "none", 32, 32)
+    features, stats = extract_features(paths, FeatureKey("vgg16", "none", 32, 32, "none", "keras", "fp32"), tmp_path,
+                                       build_extractor=lambda: model)
+    assert stats.misses == len(paths) == 20
+    shas = sorted(paths)
+    for start in range(0, len(shas), FEATURE_BATCH_SIZE):
+        batch = shas[start:start + FEATURE_BATCH_SIZE]
+        expected = np.asarray(model.predict_on_batch(_pad_batch(load_batch([paths[s] for s in batch], 32, 32))))
+        np.testing.assert_array_equal(np.stack([features[s] for s in batch]), expected[:len(batch)])
