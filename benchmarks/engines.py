@@ -7,7 +7,7 @@ precision, the decode + resize cost of an original, and heads trained on each en
    with ImageNet weights) and efficientnetlite0 (weights=imagenet, offline) at 512 x 1024,
    batch 8, on real images (../shared/data/ecg-images): Keras fp32, OpenVINO fp32, OpenVINO
    bf16. The first batch of each engine is a warm-up (graph tracing), the others are timed;
-   feature differences are over every image, as max |a - b| and that over max |keras|.
+   feature differences are over every image, as max abs difference and that over the largest absolute Keras feature.
 2. Decode + resize (`load_pixels`) of the 2213 x 1572 originals, one thread and the
    feature pass's pool (features.DECODE_WORKERS).
 3. Heads: efficientnetlite0 (ImageNet) features at 512 x 1024 of the real data's unique
@@ -220,13 +220,17 @@ def main() -> None:
     archs = [(a, w) for a, w in SPEED_ARCHS if a in args.archs.split(",")]
     state: dict = {"speed": [], "notes": {}, "decode": [], "heads": None}
 
+    # Without backbones to time (`--archs ""`) only the heads run, into a section of their own.
+    title = "Backbone engines" if archs else "Backbone engines: heads"
+
     def publish(partial: bool) -> None:
         text = section(args, state, started, partial)
         print(text, flush=True)
         if not args.no_write:
-            write_section("Backbone engines", text)
+            write_section(title, text)
 
-    state["decode"] = decode_rows(args.originals, sample)
+    if archs:
+        state["decode"] = decode_rows(args.originals, sample)
 
     def on_arch(rows, notes) -> None:
         state["speed"], state["notes"] = rows, notes
@@ -248,7 +252,7 @@ def section(args, state, started: float, partial: bool) -> str:
     from ecg_mlflow.model.engines import cpu_capabilities
 
     speed, notes, decode, heads = state["speed"], state["notes"], state["decode"], state["heads"]
-    body = [f"`benchmarks/engines.py --batches {args.batches} --seeds {args.seeds} --head-images "
+    body = [f"`benchmarks/engines.py --archs '{args.archs}' --batches {args.batches} --seeds {args.seeds} --head-images "
             f"{args.head_images}` on {machine()} (shared; load average {os.getloadavg()[0]:.1f} when written), "
             f"CPU `{cpu_name()}`, OpenVINO capabilities {', '.join(cpu_capabilities())}; "
             f"{time.perf_counter() - started:.0f} s" + (" so far (partial: the run was still going)." if partial else " in all.")]
@@ -256,9 +260,9 @@ def section(args, state, started: float, partial: bool) -> str:
         body += ["", f"Backbone pass at {HEIGHT} x {WIDTH}, batch {BATCH}, on {BATCH * args.batches} real images "
                  f"(ecg-images): first batch a warm-up, {args.batches - 1} timed, the engines taking turns batch by "
                  "batch. Differences are of pooled "
-                 "features against Keras fp32 over every image: max abs, and that over the largest |feature|.", "",
+                 "features against Keras fp32 over every image: max abs, and that over the largest absolute feature.", "",
                  markdown_table(["backbone", "weights", "engine", "precision", "s/image", "vs keras",
-                                 "max abs diff", "max diff / max |f|"], speed), ""]
+                                 "max abs diff", "diff / max abs feature"], speed), ""]
         body.append("OpenVINO conversion (`openvino.convert_model` of the Keras extractor, once per process): "
                     + ", ".join(f"{a} {s:.0f} s" for a, s in notes["convert_s"].items()) + ".")
         compiled = {p for (a, q), p in notes["compiled"].items() if q == "bf16"}
@@ -267,8 +271,9 @@ def section(args, state, started: float, partial: bool) -> str:
                         f"{', '.join(sorted(compiled))} and computed in f32 (same speed, same features), so "
                         "`resolve_engine` refuses precision=bf16 for training here and the served model falls "
                         "back to fp32 with a warning.")
-    body += ["", "Decode + resize (`load_pixels` to 512 x 1024), ms per image:", "",
-             markdown_table(["images", "n", "1 thread", "pool threads", "pool, per image"], decode)]
+    if decode:
+        body += ["", "Decode + resize (`load_pixels` to 512 x 1024), ms per image:", "",
+                 markdown_table(["images", "n", "1 thread", "pool threads", "pool, per image"], decode)]
     if heads:
         rows, combos, diffs, pass_s, n_unique = heads
         names = [f"{e} {p}" for e, p in combos]
