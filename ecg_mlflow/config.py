@@ -16,6 +16,7 @@ from typing import Callable
 from ecg_mlflow.model import head
 from ecg_mlflow.model.backbones import BACKBONES, check_image_size, BackboneError
 from ecg_mlflow.model.cache_store import S3_SCHEME, CacheStoreError, split_s3_url
+from ecg_mlflow.model.engines import ENGINES, PRECISIONS, EngineUnavailable, check_engine_pair, require_engine
 from ecg_mlflow.data.preprocess import CROPS
 from ecg_mlflow.parsing import (  # noqa: F401 (ConfigError and the parsers are the config's API)
     ConfigError, parse_bool, parse_choice, parse_dense_units, parse_float, parse_int, parse_seeds,
@@ -27,6 +28,11 @@ PAPER_HEIGHT = 512
 PAPER_WIDTH = 1024
 MAX_SIDE = 4096
 HEAD_FIELDS = ("dense_units", "dropout", "learning_rate", "batch_size")
+DEFAULT_ENGINE = "openvino"
+DEFAULT_PRECISION = "fp32"
+"""The backbone pass's defaults, chosen by benchmarks/engines.py (docs/benchmarks.md, "Backbone
+engines"): OpenVINO fp32 is about twice as fast as Keras and its features agree with Keras' to
+about 1e-6; bf16 is faster still where the CPU has it, but opt-in (see docs/benchmarks.md)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,8 @@ class TrainConfig:
     cache_dir: str = ""
     head_config: str = ""
     log_model: bool = True
+    engine: str = DEFAULT_ENGINE
+    precision: str = DEFAULT_PRECISION
 
     def head_config_obj(self) -> head.HeadConfig:
         return head.HeadConfig(
@@ -60,6 +68,13 @@ class TrainConfig:
             max_epochs=self.max_epochs,
             patience=self.patience,
         )
+
+    def feature_key(self):
+        """The feature-cache key of this configuration's backbone pass."""
+        from ecg_mlflow.model.features import FeatureKey
+
+        return FeatureKey(self.arch, self.weights, self.image_height, self.image_width, self.crop,
+                          self.engine, self.precision)
 
     def as_params(self) -> dict[str, str]:
         """The run's parameters as MLflow stores them (strings, one canonical spelling)."""
@@ -140,6 +155,8 @@ FIELD_PARSERS: dict[str, Callable[[object], object]] = {
     "cache_dir": parse_cache_dir,
     "head_config": parse_head_config,
     "log_model": lambda v: parse_bool("log_model", v),
+    "engine": lambda v: parse_choice("engine", v, ENGINES),
+    "precision": lambda v: parse_choice("precision", v, PRECISIONS),
 }
 """Field -> parser of every TrainConfig field; each parser names its field in its error."""
 
@@ -153,7 +170,8 @@ def parse_train_config(**raw) -> TrainConfig:
     config = TrainConfig(**{k: FIELD_PARSERS[k](v) for k, v in raw.items() if v is not None})
     try:
         check_image_size(config.arch, config.image_height, config.image_width)
-    except BackboneError as exc:
+        check_engine_pair(config.engine, config.precision)
+    except ValueError as exc:  # a BackboneError, or keras with bf16
         raise ConfigError(str(exc)) from None
     return config
 
@@ -161,10 +179,15 @@ def parse_train_config(**raw) -> TrainConfig:
 def resolve_train_config(**raw) -> TrainConfig:
     """The configuration a run trains with, settled once, before the run opens: the parsed
     values, then the head fields of `head_config` (if given), then the defaults that depend
-    on the machine (the feature cache folder). What is logged is this."""
+    on the machine (the feature cache folder), checking that this host runs the engine and
+    precision asked for. What is logged is this."""
     from ecg_mlflow.model.features import default_cache_dir
 
     config = apply_head_config(parse_train_config(**raw))
+    try:
+        require_engine(config.engine, config.precision)
+    except EngineUnavailable as exc:
+        raise ConfigError(str(exc)) from None
     return replace(config, cache_dir=config.cache_dir or str(default_cache_dir()))
 
 

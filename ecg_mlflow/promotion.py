@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from ecg_mlflow import schema
 from ecg_mlflow.config import TrainConfig, resolve_train_config
+from ecg_mlflow.model.engines import resolve_engine
 from ecg_mlflow.parsing import ConfigError, parse_bool
 from ecg_mlflow.tracking.search import (
     LATEST, RunNotFound, filter_quote, find_experiment_id, find_run_of_role, latest_run_of_role, search_all_runs,
@@ -334,6 +335,14 @@ def train_final_model(plan: PromotionPlan, *, progress: bool = True) -> Promotio
     return replace(plan, source_run_id=run.info.run_id, source_params=dict(params), source_metrics=dict(result.metrics))
 
 
+def served_engine_tags(source_params: dict[str, str]) -> dict[str, str]:
+    """The engine and precision the served model loads with on this host: the recorded ones
+    (runs from before engines: Keras fp32), or what this host falls back to."""
+    choice = resolve_engine(source_params.get(schema.PARAM_ENGINE, "keras"),
+                            source_params.get(schema.PARAM_PRECISION, "fp32"))
+    return {schema.TAG_SERVED_ENGINE: choice.engine, schema.TAG_SERVED_PRECISION: choice.precision}
+
+
 def version_tags(plan: PromotionPlan, promote_run_id: str) -> dict[str, str]:
     """Tags of the new version: provenance, backbone, preprocessing, p-values, test metrics."""
     tags = {
@@ -347,9 +356,11 @@ def version_tags(plan: PromotionPlan, promote_run_id: str) -> dict[str, str]:
         "significant": str(plan.significant).lower(),
         "forced": str(plan.forced).lower(),
     }
-    for key in ("image_height", "image_width", "crop", "weights", "split", schema.PARAM_DATA_DIGEST):
+    for key in ("image_height", "image_width", "crop", "weights", "split", schema.PARAM_DATA_DIGEST,
+                schema.PARAM_ENGINE, schema.PARAM_PRECISION):
         if key in plan.source_params:
             tags[key] = plan.source_params[key]
+    tags.update(served_engine_tags(plan.source_params))
     tags.update({k: f"{v:.6g}" for k, v in sorted(plan.p_values.items())})
     for metric in schema.SUMMARY_METRICS + ("roc_auc_macro",):
         for split in schema.EVAL_SPLITS:

@@ -47,6 +47,9 @@ STUDY_KEY_EXEMPT_PARAMS: frozenset[str] = frozenset({"arch", "seed", "data", "ca
 """Params outside a study's identity: the grid's own axes (backbone, seed) and where data and
 cache live (the data digest says whether the data is the same). `log_model` is IN the key:
 a study that must serve a model may not adopt runs that logged none."""
+PRE_ENGINE_PARAMS: dict[str, str] = {"engine": "keras", "precision": "fp32"}
+"""What every run trained before `engine` and `precision` existed computed with: a study key
+leaves these values out, so a study run with them still adopts the runs it finished before."""
 PAIRING_EXEMPT_PARAMS: frozenset[str] = STUDY_KEY_EXEMPT_PARAMS | {"log_model"}
 """Params that may differ between the two runs of a seed pair: those outside the study key,
 and `log_model`, which changes what was saved, not what was measured."""
@@ -137,6 +140,20 @@ ARTIFACT_CONFUSION_JSON = "confusion_matrix.json"
 ARTIFACT_CURVES = "training_curves.png"
 ARTIFACT_SPLIT = "split.csv"
 MODEL_ARTIFACT = "model"
+ARTIFACT_ENGINE_PROBE = "engine_probe.json"
+"""The logged model's output on engines.probe_pixels under the run's engine and precision:
+what a served model that must fall back to another engine measures its difference against."""
+METRIC_MODEL_MAX_ABS_DIFF = "model_max_abs_diff"
+PARAM_ENGINE = "engine"
+PARAM_PRECISION = "precision"
+# Keys of the serving model's config (MLmodel model_config) beside its preprocessing.
+CONFIG_ENGINE = "engine"
+CONFIG_PRECISION = "precision"
+CONFIG_PROBE = "engine_probe"
+TAG_SERVED_ENGINE = "served_engine"
+TAG_SERVED_PRECISION = "served_precision"
+"""Model version tags at promotion: the engine and precision the promoting host's serving
+model loads with (the recorded ones unless that host had to fall back)."""
 ARTIFACT_HEAD = "head.json"
 """The head fields a `head_config` file set, on runs trained with one."""
 ARTIFACT_EXPLANATIONS = "explanations"

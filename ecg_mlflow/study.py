@@ -63,7 +63,8 @@ def parse_cv_repeats(raw) -> int:
 def study_key(archs: Sequence[str], config: TrainConfig, data_digest: str, cv: int = 0, cv_repeats: int = 1) -> str:
     """Identity of a study: same key, same experiment (seeds may be added). A fixed-split
     study (cv = 0) keeps the key it had before cross-validation existed."""
-    params = {k: v for k, v in config.as_params().items() if k not in schema.STUDY_KEY_EXEMPT_PARAMS}
+    params = {k: v for k, v in config.as_params().items() if k not in schema.STUDY_KEY_EXEMPT_PARAMS
+              and schema.PRE_ENGINE_PARAMS.get(k) != v}
     params["head_config"] = head_config_digest(config)  # the head's content, not the file's path
     if cv:
         params.update({schema.PARAM_CV: str(cv), schema.PARAM_CV_REPEATS: str(cv_repeats)})

@@ -19,7 +19,7 @@ import numpy as np
 from ecg_mlflow import schema
 from ecg_mlflow.config import HEAD_FIELDS, ConfigError, TrainConfig
 from ecg_mlflow.data.manifest import ImageRecord, Manifest, build_manifest
-from ecg_mlflow.model.features import CacheStats, FeatureKey, default_cache_dir
+from ecg_mlflow.model.features import CacheStats, default_cache_dir
 from ecg_mlflow.model.region_cache import extract_features_and_region_maps
 from ecg_mlflow.data.splits import Leakage, Split, make_split, measure_leakage
 from ecg_mlflow.tracking.params import log_unlogged_params
@@ -249,17 +249,13 @@ def prepare_features(
     paths_by_sha: dict[str, Path] = {}
     for record in manifest.records:
         paths_by_sha.setdefault(record.sha256, manifest.path_of(record))
-    key = feature_key(config)
+    key = config.feature_key()
     _say(progress, f"{run_name(config)}: features for {len(paths_by_sha)} unique images of {len(records)} files")
     features, region_maps, cache = extract_features_and_region_maps(
         paths_by_sha, key, config.cache_dir or default_cache_dir(), progress=progress
     )
     _say(progress, f"{run_name(config)}: cache hits {cache.hits}, backbone passes {cache.misses}")
     return PreparedData(manifest, split, records, features, cache, region_maps)
-
-
-def feature_key(config: TrainConfig) -> FeatureKey:
-    return FeatureKey(config.arch, config.weights, config.image_height, config.image_width, config.crop)
 
 
 def _log_explanations(config: TrainConfig, head, data: PreparedData) -> dict[str, float]:
@@ -270,7 +266,7 @@ def _log_explanations(config: TrainConfig, head, data: PreparedData) -> dict[str
     test = list(data.split.test)
     shas = [data.records[p].sha256 for p in test]
     return log_explanations(
-        feature_key(config), config.cache_dir or default_cache_dir(), head, test, shas, data.labels("test"),
+        config.feature_key(), config.cache_dir or default_cache_dir(), head, test, shas, data.labels("test"),
         data.x("test"), np.stack([data.region_maps[s] for s in shas]),
         [data.manifest.path_of(data.records[p]) for p in test], run_name(config),
     )

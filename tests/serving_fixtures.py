@@ -26,8 +26,9 @@ from ecg_mlflow import schema
 from team_study import demo_set
 
 VENV_BIN = Path(sys.executable).parent
-SMALL = {"weights": "none", "image_height": "64", "image_width": "128", "max_epochs": "3"}
-"""Training settings of the test models: tiny images, a seeded random frozen backbone."""
+SMALL = {"weights": "none", "image_height": "64", "image_width": "128", "max_epochs": "3", "engine": "keras"}
+"""Training settings of the test models: tiny images, a seeded random frozen backbone, Keras
+(test_engines.py trains and serves through OpenVINO with `train_study(..., params=...)`)."""
 
 
 @contextmanager
@@ -77,9 +78,9 @@ class Study:
 
 
 def train_study(experiment: str, root: Path, data: Path, cache: Path, archs: tuple[str, ...],
-                seeds: tuple[int, ...]) -> Study:
+                seeds: tuple[int, ...], params: dict[str, str] | None = None) -> Study:
     """A study parent run (ecg.role=study, param archs) with one real train child per
-    (arch, seed), built as the study driver does."""
+    (arch, seed), built as the study driver does; `params` overrides SMALL."""
     import mlflow
 
     from ecg_mlflow.config import parse_train_config
@@ -97,7 +98,7 @@ def train_study(experiment: str, root: Path, data: Path, cache: Path, archs: tup
                 with mlflow.start_run(experiment_id=exp_id, nested=True, run_name=f"{arch}-s{seed}",
                                       tags=tags) as child:
                     config = parse_train_config(arch=arch, seed=str(seed), data=str(data),
-                                                cache_dir=str(cache), **SMALL)
+                                                cache_dir=str(cache), **{**SMALL, **(params or {})})
                     train_and_log(config, manifest=manifest, progress=False)
                     runs[(arch, seed)] = child.info.run_id
     return Study(experiment, exp_id, parent.info.run_id, runs)

@@ -79,8 +79,11 @@ def test_signature_and_packaging_state_the_contract(served):
     assert not list((Path(local) / pyfunc["code"]).rglob("__pycache__"))
     # the preprocessing settings are the source run's params
     run_params = mlflow.get_run(served["source"]).data.params
+    probe = pyfunc["config"].pop(schema.CONFIG_PROBE)
     assert pyfunc["config"] == {"arch": ARCH, "image_height": int(run_params["image_height"]),
-                                "image_width": int(run_params["image_width"]), "crop": run_params["crop"]}
+                                "image_width": int(run_params["image_width"]), "crop": run_params["crop"],
+                                schema.CONFIG_ENGINE: "keras", schema.CONFIG_PRECISION: "fp32"}
+    assert np.asarray(probe).shape == (2, 4)  # the recorded engine's output on the probe input
     requirements = (Path(local) / "requirements.txt").read_text()
     for package in ("mlflow==", "keras==", "tensorflow-cpu==", "pillow==", "pandas=="):
         assert package in requirements

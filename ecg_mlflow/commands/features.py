@@ -3,7 +3,8 @@
 N of these at once (processes, machines, Kubernetes Jobs: infra/k8s/submit_features.py), all
 with the same cache (`--cache-dir s3://bucket/prefix` or a shared folder), run the backbone
 once per unique image between them: each takes only the contents whose SHA-256 falls in its
-shard. Later `train`, `study` and `tune` runs with that cache find every feature cached.
+shard. Later `train`, `study` and `tune` runs with that cache find every feature and region map
+cached.
 """
 
 from __future__ import annotations
@@ -41,14 +42,15 @@ def features(shard: str, progress: bool, **raw: str) -> None:
         raise click.BadParameter(str(exc)) from None
     stop_on_sigterm()
     from ecg_mlflow.data.manifest import unique_contents
-    from ecg_mlflow.model.features import FeatureKey, default_cache_dir, extract_features, select_shard
+    from ecg_mlflow.model.features import default_cache_dir, select_shard
+    from ecg_mlflow.model.region_cache import extract_features_and_region_maps
 
     with reported_errors("the entries written so far stay valid; rerun to finish the shard"):
         everything = unique_contents(config.data)
         mine = select_shard(everything, index, count)
-        key = FeatureKey(config.arch, config.weights, config.image_height, config.image_width, config.crop)
         cache_dir = config.cache_dir or default_cache_dir()
-        _, stats = extract_features(mine, key, cache_dir, progress=progress)
+        # Features and region maps, as a train run needs them: the runs then pass no image.
+        _, _, stats = extract_features_and_region_maps(mine, config.feature_key(), cache_dir, progress=progress)
     click.echo(
         f"shard {index}/{count}: {len(mine)} of {len(everything)} unique images; "
         f"{stats.misses} computed, {stats.hits} cached, {stats.damaged} damaged; "

@@ -90,14 +90,6 @@ def build_maps_model(extractor):
     return keras.Model(inputs, [maps, pool(maps)], name=f"{extractor.name}_maps")
 
 
-def split_whole_model(model):
-    """(feature extractor, head) of a whole model as model/whole_model.py assembles it."""
-    parts = _non_input(model.layers)
-    if len(parts) != 2:
-        raise ExplainError(f"{model.name}: expected a feature extractor and a head, found {len(parts)} parts")
-    return parts[0], parts[1]
-
-
 def head_logits(head, features):
     """The head's class scores before the softmax (TensorFlow tensor in, tensor out)."""
     import keras

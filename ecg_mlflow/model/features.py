@@ -1,9 +1,9 @@
 """Feature cache: the frozen backbone runs once per unique image content.
 
 An entry is addressed by the image's SHA-256 under a folder keyed by everything that
-changes the features (backbone, weights, preprocessing, Keras version). Each entry holds
-the float32 features followed by the SHA-256 of those bytes and is published atomically;
-it is recomputed when its length or checksum is wrong, so a damaged entry is never trusted.
+changes the features (backbone, weights, preprocessing, engine and precision, Keras
+version). Each entry holds the float32 features followed by the SHA-256 of those bytes and is
+published atomically; it is recomputed when its length or checksum is wrong, so a damaged entry is never trusted.
 The bytes live in a folder or under an S3 prefix (`cache_dir=s3://bucket/prefix`), with the
 same layout (arch/digest/sha[:2]/sha.f32 and key.json); ecg_mlflow.model.cache_store says how
 each store publishes atomically and cleans up after killed writers. Entries are content
@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,15 @@ import numpy as np
 
 from ecg_mlflow.model.backbones import get_spec, weights_identity
 from ecg_mlflow.model.cache_store import CacheStore, is_s3_url, open_store
-from ecg_mlflow.data.preprocess import load_batch
+from ecg_mlflow.model.engines import extractor_runner
+from ecg_mlflow.data.preprocess import load_pixels
 
 FEATURE_BATCH_SIZE = 8
+DECODE_WORKERS = max(1, min(4, os.cpu_count() or 1))
+"""Threads decoding and resizing images while the backbone runs (PIL releases the GIL): a
+2213 x 1572 original takes about as long to decode as a fast engine's pass over it."""
+PREFETCH_BATCHES = 2
+"""Batches decoded ahead of the backbone: bounds the memory of decoded pixels."""
 _CHECKSUM_BYTES = 32
 KEY_FILE = "key.json"
 LOAD_CHUNK = 1024
@@ -54,11 +61,13 @@ class FeatureKey:
     height: int
     width: int
     crop: str
+    engine: str = "keras"
+    precision: str = "fp32"
 
     def fields(self) -> dict[str, object]:
         import keras
 
-        return {
+        fields: dict[str, object] = {
             "arch": self.arch,
             "weights": weights_identity(self.weights, self.arch),
             "height": self.height,
@@ -67,6 +76,14 @@ class FeatureKey:
             "keras": keras.__version__,
             "pass": "predict_on_batch",  # features of eager calls differ in the last digits
         }
+        # Keras fp32 keeps the key it had before engines existed, so its caches stay valid.
+        if (self.engine, self.precision) != ("keras", "fp32"):
+            fields.update(engine=self.engine, precision=self.precision)
+        if self.engine == "openvino":
+            import openvino
+
+            fields["openvino"] = openvino.__version__
+        return fields
 
     @property
     def digest(self) -> str:
@@ -159,7 +176,8 @@ def extract_features(
     """Features for every unique image (sha256 -> path), from the cache where possible.
 
     The backbone is built only when something is missing, and runs once per missing
-    content hash, in batches. Returns the features by sha256 and what the cache did.
+    content hash, in batches, through the key's engine at its precision. Returns the
+    features by sha256 and what the cache did.
     """
     start = time.perf_counter()
     cache = FeatureCache(cache_dir, key)
@@ -183,7 +201,8 @@ def extract_features(
             extractor = shared_feature_extractor(key.arch, key.weights, key.height, key.width)
         else:
             extractor = build_extractor()
-        for sha, vector in _run_backbone(extractor, missing, paths_by_sha, key, progress):
+        runner = extractor_runner(extractor, key.engine, key.precision)
+        for sha, vector in _run_backbone(runner, missing, paths_by_sha, key, progress):
             cache.store(sha, vector)
             features[sha] = vector
     stats = CacheStats(
@@ -196,27 +215,41 @@ def extract_features(
 
 
 def _run_backbone(extractor, shas: Sequence[str], paths_by_sha, key: FeatureKey, progress: bool):
-    """Yield (sha, features) batch by batch; decoding of the next batch overlaps the pass."""
+    """Yield (sha, features) batch by batch."""
+    for batch, pixels in decoded_batches(shas, paths_by_sha, key, progress, f"{key.arch} features"):
+        # Graph mode, as Keras' predict runs the logged model: eager calls round
+        # differently (~1e-5 on EfficientNetV2-S at 512 x 1024).
+        out = np.asarray(extractor.predict_on_batch(_pad_batch(pixels)))[: len(batch)]
+        yield from zip(batch, out)
+
+
+def decoded_batches(shas: Sequence[str], paths_by_sha, key: FeatureKey, progress: bool, desc: str):
+    """Yield (shas, float32 pixels) per FEATURE_BATCH_SIZE batch, with a progress bar.
+    DECODE_WORKERS threads decode and resize the images of the next PREFETCH_BATCHES batches
+    while the caller runs the backbone on this one."""
     from tqdm import tqdm
 
-    def decode(batch: Sequence[str]) -> np.ndarray:
-        return load_batch([paths_by_sha[s] for s in batch], key.height, key.width, key.crop)
+    def decode(sha: str) -> np.ndarray:
+        return load_pixels(paths_by_sha[sha], key.height, key.width, key.crop)
 
     batches = [shas[i : i + FEATURE_BATCH_SIZE] for i in range(0, len(shas), FEATURE_BATCH_SIZE)]
-    bar = tqdm(
-        total=len(shas), desc=f"{key.arch} features", unit="img", disable=not progress
-    )
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(decode, batches[0])
-        for index, batch in enumerate(batches):
-            pixels = pending.result()
-            if index + 1 < len(batches):
-                pending = pool.submit(decode, batches[index + 1])
-            # Graph mode, as Keras' predict runs the logged model: eager calls round
-            # differently (~1e-5 on EfficientNetV2-S at 512 x 1024).
-            out = np.asarray(extractor.predict_on_batch(_pad_batch(pixels)))[: len(batch)]
-            for sha, vector in zip(batch, out):
-                yield sha, vector
+    bar = tqdm(total=len(shas), desc=desc, unit="img", disable=not progress)
+    with ThreadPoolExecutor(max_workers=DECODE_WORKERS, thread_name_prefix="decode") as pool:
+        pending: deque = deque()
+        upcoming = iter(batches)
+
+        def submit_next() -> None:
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append([pool.submit(decode, sha) for sha in following])
+
+        for _ in range(PREFETCH_BATCHES + 1):
+            submit_next()
+        for batch in batches:
+            # The same float32 batch as load_batch (which the whole-model check uses).
+            pixels = np.stack([future.result() for future in pending.popleft()]).astype(np.float32)
+            submit_next()
+            yield batch, pixels
             bar.update(len(batch))
     bar.close()
 

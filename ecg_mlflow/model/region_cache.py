@@ -8,7 +8,7 @@ maps (regions.pool_by_region), about 80 KB an image. Those explain any head of a
 region (regions.py) without another backbone pass.
 
 The region-map cache is a FeatureCache (folder or S3) inside the features' own (same key: backbone,
-weights, size, crop, Keras), named by the template's digest, so a changed template never
+weights, size, crop, engine and precision, Keras), named by the template's digest, so a changed template never
 reuses old maps; the same checksummed atomic entries. A few images (the overlay sample of
 every run) also keep their FULL maps, in a third folder of the same kind, so that the
 overlay pictures of a 20-run study cost one backbone pass for those images, not twenty.
@@ -24,12 +24,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ecg_mlflow.data.preprocess import load_batch
 from ecg_mlflow.model import regions
 from ecg_mlflow.model.backbones import get_spec
 from ecg_mlflow.model.cache_store import open_store
+from ecg_mlflow.model.engines import extractor_runner
 from ecg_mlflow.model.features import (
-    _CHECKSUM_BYTES, FEATURE_BATCH_SIZE, KEY_FILE, CacheStats, FeatureCache, FeatureKey, _pad_batch,
+    _CHECKSUM_BYTES, KEY_FILE, CacheStats, FeatureCache, FeatureKey, _pad_batch, decoded_batches,
 )
 
 _SHAPE_VALUES = 3  # a full-map entry starts with its (h, w, k)
@@ -136,20 +136,13 @@ def extract_features_and_region_maps(
 
 
 def run_maps_pass(model, shas: Sequence[str], paths_by_sha, key: FeatureKey, progress: bool = False):
-    """Yield (sha, maps (h, w, k), features) batch by batch, padded as the feature pass pads
-    (the same rounding whatever else was missing)."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(shas), desc=f"{key.arch} features+maps", unit="img", disable=not progress)
-    for begin in range(0, len(shas), FEATURE_BATCH_SIZE):
-        batch = shas[begin:begin + FEATURE_BATCH_SIZE]
-        pixels = load_batch([paths_by_sha[s] for s in batch], key.height, key.width, key.crop)
-        maps, vectors = model.predict_on_batch(_pad_batch(pixels))
+    """Yield (sha, maps (h, w, k), features) batch by batch through the key's engine, padded
+    as the feature pass pads (the same rounding whatever else was missing)."""
+    runner = extractor_runner(model, key.engine, key.precision)
+    for batch, pixels in decoded_batches(shas, paths_by_sha, key, progress, f"{key.arch} features+maps"):
+        maps, vectors = runner.predict_on_batch(_pad_batch(pixels))
         maps, vectors = np.asarray(maps)[: len(batch)], np.asarray(vectors)[: len(batch)]
-        for sha, m, v in zip(batch, maps, vectors):
-            yield sha, m, v
-        bar.update(len(batch))
-    bar.close()
+        yield from zip(batch, maps, vectors)
 
 
 def load_full_maps(

@@ -26,10 +26,11 @@ def assemble_model(config: TrainConfig, head):
     return keras.Model(inputs, outputs, name=f"ecg_{config.arch}")
 
 
-def check_model_matches_head(model, head, pixels: np.ndarray, features: np.ndarray) -> float:
-    """Max abs difference between the whole model on images and the head on cached
-    features; above EQUALITY_TOLERANCE the model would not be the one that was evaluated."""
-    whole = np.asarray(model.predict(pixels, verbose=0))
+def check_model_matches_head(runner, head, pixels: np.ndarray, features: np.ndarray) -> float:
+    """Max abs difference between the whole model on images, run as it will be served
+    (`runner`, engines.whole_model_runner: the run's engine and precision), and the head on
+    cached features; above EQUALITY_TOLERANCE the model would not be the one evaluated."""
+    whole = np.asarray(runner.predict(pixels))
     cached = np.asarray(head.predict(features, verbose=0))
     diff = float(np.abs(whole - cached).max())
     if diff > EQUALITY_TOLERANCE:

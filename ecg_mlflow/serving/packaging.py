@@ -26,6 +26,7 @@ SERVED_MODULES: tuple[str, ...] = (
     "model/__init__.py",
     "model/regions.py",
     "model/explain.py",
+    "model/engines.py",
     "serving/__init__.py",
     "serving/limits.py",
     "serving/pyfunc.py",
@@ -52,6 +53,25 @@ def preprocessing_of_run(params: dict[str, str], run_id: str) -> Preprocessing:
     except ConfigError as exc:
         raise ValueError(f"run {run_id} has unusable preprocessing params: {exc}") from None
     return Preprocessing(config.arch, config.image_height, config.image_width, config.crop)
+
+
+def engine_config_of_run(params: dict[str, str], run_id: str) -> dict[str, object]:
+    """The engine, precision and probe output the train run recorded, for the serving model's
+    config. Runs from before engines existed ran Keras fp32 and recorded no probe."""
+    import json
+
+    import mlflow
+
+    config: dict[str, object] = {
+        schema.CONFIG_ENGINE: params.get(schema.PARAM_ENGINE, "keras"),
+        schema.CONFIG_PRECISION: params.get(schema.PARAM_PRECISION, "fp32"),
+    }
+    try:
+        probe = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{schema.ARTIFACT_ENGINE_PROBE}"))
+    except Exception:  # no probe recorded (an older run): nothing to compare a fallback with
+        return config
+    config[schema.CONFIG_PROBE] = probe[schema.CONFIG_PROBE]
+    return config
 
 
 def serving_signature():
@@ -111,12 +131,13 @@ def log_serving_model(source_run_id: str, *, name: str = SERVING_MODEL_NAME):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from ecg_mlflow.tracking.model_logging import keras_requirements
+    from ecg_mlflow.tracking.model_logging import engine_packages, keras_requirements
 
     if mlflow.active_run() is None:
         raise RuntimeError("log_serving_model needs an active MLflow run")
     params = MlflowClient().get_run(source_run_id).data.params
     prep = preprocessing_of_run(params, source_run_id)
+    engine = engine_config_of_run(params, source_run_id)
     with tempfile.TemporaryDirectory(prefix="ecg-serving-") as tmp:
         keras_file = keras_file_of_run(source_run_id, Path(tmp) / "download")
         code = _package_copy(Path(tmp) / "code")
@@ -126,9 +147,10 @@ def log_serving_model(source_run_id: str, *, name: str = SERVING_MODEL_NAME):
             name=name,
             python_model=str(script),
             artifacts={KERAS_ARTIFACT: str(keras_file)},
-            model_config=prep.to_config(),
+            model_config={**prep.to_config(), **engine},
             code_paths=[str(code)],
             signature=serving_signature(),
-            pip_requirements=keras_requirements(*SERVING_EXTRA_REQUIREMENTS),
+            pip_requirements=keras_requirements(
+                *SERVING_EXTRA_REQUIREMENTS, *engine_packages(str(engine[schema.CONFIG_ENGINE]))),
             tags={schema.TAG_SOURCE_RUN: source_run_id},
         )

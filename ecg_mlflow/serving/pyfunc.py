@@ -2,7 +2,11 @@
 
 `EcgImageClassifier` is an MLflow pyfunc (DESIGN.md, serving contract). It wraps the Keras
 model that a train run logged (no retraining) and preprocesses with `load_pixels`, the same
-function training used, at the source run's image size and crop. The logged pyfunc carries
+function training used, at the source run's image size and crop. It runs the model through
+the engine and precision the run's features were computed with (model/engines.py: the
+backbone compiled by OpenVINO, the head in Keras), the path the run's whole-model check ran;
+where this host cannot, it logs a warning at load time naming what it falls back to and the
+measured difference from the recorded engine's output on a fixed probe input. The logged pyfunc carries
 its own copy of the modules it imports (`code_paths`, see packaging.py), so a registered
 version keeps the preprocessing it was promoted with even when the installed package changes
 later. It is logged as models-from-code, so loading it unpickles nothing, and the Keras model
@@ -47,6 +51,7 @@ from ecg_mlflow.data.classes import CLASSES
 from ecg_mlflow.data.preprocess import ImageDecodeError, load_pixels
 from ecg_mlflow.model import regions
 from ecg_mlflow.serving.limits import MAX_ROWS_ENV, list_bad_rows, resolve_limits
+from ecg_mlflow.model.engines import EngineChoice, probe_pixels, whole_model_runner
 
 IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
@@ -61,7 +66,7 @@ PREDICT_BATCH = 8
 LOGGED_TRACES_PER_REQUEST = 3
 """Decoder failures per request whose stack trace goes to the server log."""
 
-_logger = logging.getLogger(__name__)
+LOGGER = logging.getLogger(__name__)
 
 
 class BadImageRows(MlflowException):
@@ -168,7 +173,7 @@ def decode_rows(images: Sequence[Any], prep: Preprocessing) -> np.ndarray:
         except ImageDecodeError as exc:
             bad[index] = str(exc)
             if exc.__cause__ is not None and len(bad) <= LOGGED_TRACES_PER_REQUEST:
-                _logger.warning("row %d refused: %s", index, exc, exc_info=exc)
+                LOGGER.warning("row %d refused: %s", index, exc, exc_info=exc)
     if bad:
         raise BadImageRows(bad, len(images))
     return pixels
@@ -198,13 +203,34 @@ def probabilities_frame(probabilities: np.ndarray) -> pd.DataFrame:
     return frame
 
 
+def report_engine(choice: EngineChoice, probe_out: np.ndarray, recorded) -> float | None:
+    """Log which engine serves (a warning when it is not the recorded one) with the max abs
+    difference of its probabilities on the probe input from the recorded engine's; return it."""
+    if not LOGGER.handlers and not logging.getLogger().handlers:  # the scoring server sets none
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        LOGGER.addHandler(handler)
+        LOGGER.setLevel(logging.INFO)
+    diff = None
+    if recorded is not None:
+        diff = float(np.abs(np.asarray(recorded, np.float64) - probe_out).max())
+    measured = (f"max abs difference from the recorded engine's probabilities on the probe input "
+                f"{diff:.2e}" if diff is not None else "no recorded probe output to compare with")
+    if choice.fallback:
+        LOGGER.warning("ECG classifier: %s; %s", choice.describe(), measured)
+    else:
+        LOGGER.info("ECG classifier serving with %s; %s", choice.describe(), measured)
+    return diff
+
+
 class EcgImageClassifier(PythonModel):
     """Pyfunc: DataFrame with an `image` column (bytes or base64) -> `label` and `prob_*` per row."""
 
     def load_context(self, context) -> None:
         import keras
 
-        self._prep = Preprocessing.from_config(context.model_config)
+        config = context.model_config
+        self._prep = Preprocessing.from_config(config)
         # safe_mode: refuse any lambda or arbitrary-code deserialisation; the model has
         # built-in layers only (backbones.py), so a model that needs more is not ours.
         self._model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], compile=False, safe_mode=True)
@@ -212,19 +238,30 @@ class EcgImageClassifier(PythonModel):
         self._explainer = None  # (maps model, head), built on the first `explain` request
         self._limits = resolve_limits(context.model_config)
         self._slots = threading.BoundedSemaphore(self._limits.max_concurrent_requests)
-        # The first call traces the graph (seconds); pay it at load time, not on a request.
-        self._infer(np.zeros((1, self._prep.image_height, self._prep.image_width, 3), np.float32))
+        self._runner = whole_model_runner(self._model, str(config.get(schema.CONFIG_ENGINE, "keras")),
+                                          str(config.get(schema.CONFIG_PRECISION, "fp32")), allow_fallback=True)
+        # The probe also pays the first call's graph tracing at load time, not on a request.
+        self.probe_diff = report_engine(self.engine, self._infer(self._probe()), config.get(schema.CONFIG_PROBE))
+
+    @property
+    def engine(self) -> EngineChoice:
+        """The engine and precision this model runs, and what was recorded."""
+        return self._runner.choice
+
+    def _probe(self) -> np.ndarray:
+        return probe_pixels(self._prep.image_height, self._prep.image_width)
 
     def _infer(self, pixels: np.ndarray) -> np.ndarray:
-        # The scoring server runs requests in threads; TF already uses every core for one
-        # batch, so inference is serialised while decoding (in PIL, GIL released) overlaps.
+        # The scoring server runs requests in threads; the engine already uses every core for
+        # one batch, so inference is serialised while decoding (in PIL, GIL released) overlaps.
         with self._lock:
-            out = [np.asarray(self._model.predict_on_batch(pixels[i:i + PREDICT_BATCH].astype(np.float32)))
+            out = [self._runner.predict_on_batch(pixels[i:i + PREDICT_BATCH].astype(np.float32))
                    for i in range(0, len(pixels), PREDICT_BATCH)]
         return np.concatenate(out) if out else np.zeros((0, len(CLASSES)))
 
     def _explain(self, pixels: np.ndarray):
-        from ecg_mlflow.model.explain import build_maps_model, explain_pixels, split_whole_model
+        from ecg_mlflow.model.engines import split_whole_model
+        from ecg_mlflow.model.explain import build_maps_model, explain_pixels
 
         with self._lock:
             if self._explainer is None:
@@ -277,7 +314,7 @@ class EcgImageClassifier(PythonModel):
         except MlflowException:
             raise
         except Exception as exc:
-            _logger.exception("prediction failed")
+            LOGGER.exception("prediction failed")
             raise PredictionFailed(exc) from None
         finally:
             self._slots.release()

@@ -11,6 +11,7 @@ import numpy as np
 from ecg_mlflow import schema
 from ecg_mlflow.config import TrainConfig
 from ecg_mlflow.data.preprocess import load_batch
+from ecg_mlflow.model.engines import probe_pixels, whole_model_runner
 from ecg_mlflow.model.whole_model import assemble_model, check_model_matches_head
 
 TENSORFLOW_DISTRIBUTIONS = ("tensorflow-cpu", "tensorflow", "tensorflow-intel", "tensorflow-macos")
@@ -64,6 +65,11 @@ def installed_distribution(candidates) -> str:
     raise RuntimeError(f"none of {', '.join(candidates)} is installed")
 
 
+def engine_packages(engine: str) -> tuple[str, ...]:
+    """The packages an engine adds to a model's requirements."""
+    return ("openvino",) if engine == "openvino" else ()
+
+
 def keras_requirements(*extra: str) -> list[str]:
     """mlflow, keras and the backend that is installed and active (TensorFlow under
     whichever distribution name, or JAX), plus `extra`, pinned to their installed versions."""
@@ -75,18 +81,24 @@ def keras_requirements(*extra: str) -> list[str]:
 
 
 def log_whole_model(config: TrainConfig, head, image_paths, features, say) -> float:
-    """Assemble, check against the head on cached features, and log the whole model."""
+    """Assemble, check against the head on cached features through the run's engine (the path
+    the served model runs), record the engine's output on the probe input, log the model."""
     import mlflow
 
     model = assemble_model(config, head)
+    runner = whole_model_runner(model, config.engine, config.precision)
     pixels = sample_pixels(image_paths, config.image_height, config.image_width, config.crop)
-    diff = check_model_matches_head(model, head, pixels, features)
-    mlflow.log_metric("model_max_abs_diff", diff)
-    say(f"whole model equals head on cached features (max abs diff {diff:.1e}); logging it")
+    diff = check_model_matches_head(runner, head, pixels, features)
+    mlflow.log_metric(schema.METRIC_MODEL_MAX_ABS_DIFF, diff)
+    probe = runner.predict(probe_pixels(config.image_height, config.image_width))
+    mlflow.log_dict({schema.CONFIG_ENGINE: config.engine, schema.CONFIG_PRECISION: config.precision,
+                     schema.CONFIG_PROBE: probe.astype(float).tolist()}, schema.ARTIFACT_ENGINE_PROBE)
+    say(f"whole model ({runner.choice.describe()}) equals head on cached features "
+        f"(max abs diff {diff:.1e}); logging it")
     mlflow.keras.log_model(
         model,
         name=schema.MODEL_ARTIFACT,
         signature=model_signature(config.image_height, config.image_width),
-        pip_requirements=keras_requirements(),
+        pip_requirements=keras_requirements(*engine_packages(config.engine)),
     )
     return diff

@@ -29,7 +29,7 @@ PASSWORD_FILE_ENV = "ECG_MLFLOW_OPTUNA_PASSWORD_FILE"
 param (under `mlflow run`, before the command even starts) and prints in the command line."""
 TUNE_TRAIN_FIELDS: tuple[str, ...] = (
     "arch", "data", "weights", "image_height", "image_width", "split", "crop",
-    "cache_dir", "max_epochs", "patience",
+    "cache_dir", "max_epochs", "patience", "engine", "precision",
 )
 """The `main` parameters `tune` takes; the head's own fields are what it searches."""
 
