@@ -218,6 +218,44 @@ def test_bootstrap_matches_a_loop_over_resamples_with_sklearn():
         assert got[metric].p == pytest.approx(p)
 
 
+@pytest.mark.parametrize("metric", ["accuracy", "f1_macro"])
+def test_bootstrap_interval_agrees_with_scipy_bootstrap(metric):
+    """Independent of our draws: scipy.stats.bootstrap (paired, percentile) over the same
+    images gives the same interval within Monte Carlo error (both seeded, so deterministic)."""
+    rng = np.random.default_rng(5)
+    true = rng.integers(0, 4, 60)
+    first, second = _random_runs(rng, true, 3, 0.8), _random_runs(rng, true, 3, 0.55)
+    n_resamples, confidence = 4000, 0.9
+    got = paired_bootstrap(true, first, second, (metric,), n_resamples=n_resamples, seed=3,
+                           confidence=confidence)[metric]
+    def f1_macro(t, p):  # numpy, for speed (checked against scikit-learn below)
+        confusion = np.zeros((4, 4))
+        np.add.at(confusion, (t, p), 1)
+        tp, predicted, actual = np.diag(confusion), confusion.sum(0), confusion.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1 = np.nan_to_num(2 * tp / (predicted + actual))
+        return f1.mean()
+
+    score = {"accuracy": lambda t, p: np.mean(t == p), "f1_macro": f1_macro}[metric]
+    assert f1_macro(true, first[0]) == pytest.approx(f1_score(true, first[0], average="macro", zero_division=0))
+
+    def difference(images):  # the statistic over one resample of image indices
+        return (np.mean([score(true[images], run[images]) for run in first])
+                - np.mean([score(true[images], run[images]) for run in second]))
+
+    reference = sps.bootstrap((np.arange(true.size),), difference, paired=True, vectorized=False,
+                              n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+                              random_state=np.random.default_rng(17))
+    assert got.observed_diff == pytest.approx(difference(np.arange(true.size)), abs=1e-12)
+    assert got.observed_diff > 0.1  # a real difference, so the interval is not degenerate
+    width = reference.confidence_interval.high - reference.confidence_interval.low
+    assert width > 0.05
+    # Monte Carlo error of a 5% / 95% quantile with 4000 draws is well under 0.01 here
+    assert got.ci_low == pytest.approx(reference.confidence_interval.low, abs=0.015)
+    assert got.ci_high == pytest.approx(reference.confidence_interval.high, abs=0.015)
+    assert got.p < 0.01 and reference.confidence_interval.low > 0
+
+
 def test_compare_metric_uses_bonferroni_confidence_and_names_the_winner():
     x, y = [0.80, 0.82, 0.81, 0.83, 0.84], [0.78, 0.79, 0.80, 0.80, 0.79]
     result = compare_metric("accuracy", "resnet50", "efficientnetv2s", x, y, alpha=0.05, k=4)
@@ -225,7 +263,15 @@ def test_compare_metric_uses_bonferroni_confidence_and_names_the_winner():
     assert result.first_summary.confidence == pytest.approx(0.9875)
     assert result.winner == "resnet50"
     assert result.p_bonferroni == pytest.approx(min(1, 4 * sps.ttest_rel(x, y).pvalue))
-    assert result.significant == (result.p_bonferroni < 0.05)
+    # R: t.test(x, y, paired = TRUE)$p.value = 0.01346508; x 4 = 0.05386 > 0.05. Significant
+    # unadjusted, not after Bonferroni: the verdict must follow the adjusted p.
+    assert result.p_bonferroni == pytest.approx(0.0538603017, rel=1e-8)
+    assert result.significant is False
+    clear = compare_metric("accuracy", "resnet50", "efficientnetv2s",
+                           [0.85, 0.841, 0.849, 0.85, 0.842], y, alpha=0.05, k=4)
+    # R: t.test(c(.85,.841,.849,.85,.842), y, paired = TRUE)$p.value * 4 (about 1e-4)
+    assert clear.p_bonferroni == pytest.approx(4 * sps.ttest_rel([0.85, 0.841, 0.849, 0.85, 0.842], y).pvalue)
+    assert clear.p_bonferroni < 0.001 and clear.significant is True
     row = result.to_dict()
     assert row["mean_diff"] == pytest.approx(np.mean(np.subtract(x, y)))
     assert row["winner"] == "resnet50"
