@@ -1,6 +1,7 @@
 # Two commands do all the setup on a fresh machine:
 #   make demo   - synthetic ECG reports, a small tracked study, its analysis, promotion
-#   make test   - the test suite
+#   make test   - the whole test suite (what CI runs)
+#   make test-fast - the quick lane: everything but the tests marked slow
 # Both create .venv and install the project into it first.
 
 PYTHON ?= python3
@@ -15,7 +16,7 @@ DEMO_SIZE ?= -P image_height=128 -P image_width=256
 DEMO_CACHE ?= .cache/features
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +39,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) mlruns mlflow.db .pytest_cache

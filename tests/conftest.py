@@ -51,6 +51,28 @@ def real_facts() -> Path:
     return require_real_data(REAL_FACTS, "Mendeley facts file")
 
 
+INFRA_FIXTURES = ("team_server", "private_team_server")
+"""PostgreSQL + S3 + MLflow server (infra/local/up), in any module."""
+SLOW_FIXTURES = {
+    "test_promote.py": "study",  # trains 2 backbones x 2 seeds
+    "test_serving.py": "served",  # trains a run and logs the serving model
+    "test_serve_http.py": "server",  # trains, promotes and starts `mlflow models serve`
+}
+"""Module fixtures that train models (module -> fixture)."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses a team server or a training module fixture is `slow` (and `infra` for
+    the servers), so the fast lane (`-m "not slow"`) never starts one by accident."""
+    for item in items:
+        uses = set(item.fixturenames)
+        if uses & set(INFRA_FIXTURES):
+            item.add_marker(pytest.mark.infra)
+            item.add_marker(pytest.mark.slow)
+        if SLOW_FIXTURES.get(item.path.name) in uses:
+            item.add_marker(pytest.mark.slow)
+
+
 _MLFLOW_CONTEXT_VARS = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
 
 

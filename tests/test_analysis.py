@@ -373,6 +373,7 @@ def test_metrics_subset_changes_the_bonferroni_family(tracking_uri, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # `mlflow run` (600 s subprocess limit)
 def test_mlflow_run_analyze_entry_point_logs_into_the_project_run(tracking_uri, tmp_path):
     import os
     import subprocess

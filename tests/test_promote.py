@@ -16,6 +16,7 @@ from ecg_mlflow.promotion import PromotionError, plan_promotion
 from conftest import PROJECT_ROOT
 from serving_fixtures import Study, hand_analysis_run, isolated_store, shared_cache, shared_demo_set, train_study
 
+pytestmark = pytest.mark.timeout(1200)  # the module fixture trains models in the first test's setup
 ARCHS = ("mobilenetv3large", "vgg16")
 SEEDS = (1, 2)
 

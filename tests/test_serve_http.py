@@ -29,7 +29,7 @@ from serving_fixtures import (
     train_study,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # training and server start-up in setup
 TOLD_HOST = "127.0.0.2"
 """Another loopback address (all of 127/8 is loopback on Linux): the server must bind where told."""
 CHAMPION_URI = f"models:/{schema.DEFAULT_MODEL_NAME}@{schema.CHAMPION_ALIAS}"

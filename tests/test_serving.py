@@ -29,6 +29,7 @@ from serving_fixtures import (
     train_study,
 )
 
+pytestmark = pytest.mark.timeout(1200)  # the module fixture trains models in the first test's setup
 ARCH = "mobilenetv3large"
 
 

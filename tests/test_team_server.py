@@ -22,7 +22,7 @@ from team_study import (
     PAIR_NAMES, SMALL, VENV_BIN, client_env, demo_set, mlflow_client, run_client, team_study,
 )
 
-pytestmark = [pytest.mark.infra, pytest.mark.slow]
+pytestmark = [pytest.mark.infra, pytest.mark.slow, pytest.mark.timeout(1500)]  # the shared team study runs in the first test that needs it
 CHAMPION_URI = f"models:/{schema.DEFAULT_MODEL_NAME}@{schema.CHAMPION_ALIAS}"
 
 

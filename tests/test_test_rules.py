@@ -42,3 +42,11 @@ def test_missing_real_data_skips_locally_and_fails_where_ci_requires_it(tmp_path
     else:
         assert result.returncode == 0, output[-3000:]
         assert f"{len(REAL_DATA_TESTS)} skipped" in output and "error" not in output.lower(), output[-3000:]
+
+
+def test_every_test_has_a_time_limit(pytestconfig):
+    """pytest-timeout is installed (the test extra pins it) and configured: a hung test fails
+    on its own after at most 600 s (or its marked limit) instead of stalling CI."""
+    assert pytestconfig.pluginmanager.hasplugin("timeout")
+    assert float(pytestconfig.getini("timeout")) == 600
+

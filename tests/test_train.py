@@ -49,6 +49,7 @@ def _runs(experiment: str = schema.DEFAULT_EXPERIMENT):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # `mlflow run` (900 s subprocess limit)
 def test_mlflow_run_main_logs_the_whole_run_schema(demo_set, tracking_uri, tmp_path):
     command = [
         "mlflow", "run", str(PROJECT_ROOT), "--env-manager", "local",
