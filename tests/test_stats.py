@@ -331,3 +331,58 @@ def test_bootstrap_macro_averages_over_all_classes_like_training():
             true, second[0], average="macro", labels=range(4), zero_division=0
         )
         assert got[metric].observed_diff == pytest.approx(expected, abs=1e-12)
+
+
+# ---- degenerate inputs: results that must not look like evidence ---------------------------
+
+
+def test_identical_nonzero_differences_give_no_t_test_and_no_verdict():
+    """Every seed 0.02 better: SD(d) = 0, so t and p are undefined, the effect size is +inf,
+    Bonferroni keeps NaN, and nothing is called significant."""
+    y = np.array([0.70, 0.75, 0.80, 0.72, 0.78])
+    x = y + 0.02
+    result = paired_ttest(x, y, 0.95)
+    assert math.isnan(result.p) and math.isnan(result.t) and result.df == 4
+    assert result.sd_diff == 0.0 and result.mean_diff == pytest.approx(0.02)
+    assert result.ci_low == result.ci_high == result.mean_diff
+    # scipy 1.17 answers t = inf, p = 0 here ("infinitely significant" from 5 equal numbers);
+    # the analysis deliberately reports no p-value instead, so no promotion can follow from it
+    with np.errstate(all="ignore"):
+        assert sps.ttest_rel(x, y).statistic == math.inf
+    assert cohens_dz(x, y) == math.inf and cohens_dz(y, x) == -math.inf
+    comparison = compare_metric("accuracy", "a", "b", x, y, alpha=0.05, k=4)
+    assert math.isnan(comparison.p_bonferroni) and comparison.significant is False
+    # Wilcoxon sees 5 positive differences with tied ranks: all 2**5 sign flips, p = 2/32
+    wilcoxon = wilcoxon_signed_rank(x, y)
+    assert wilcoxon.n_nonzero == 5 and wilcoxon.p == pytest.approx(2 / 32)
+
+
+def test_all_zero_differences_give_p_one_and_no_effect():
+    x = np.array([0.8, 0.7, 0.9, 0.85])
+    result = paired_ttest(x, x.copy(), 0.95)
+    assert math.isnan(result.p) and result.mean_diff == 0.0 and (result.ci_low, result.ci_high) == (0.0, 0.0)
+    assert math.isnan(cohens_dz(x, x.copy()))
+    wilcoxon = wilcoxon_signed_rank(x, x.copy())
+    assert (wilcoxon.n_nonzero, wilcoxon.p, wilcoxon.statistic) == (0, 1.0, 0.0)
+    assert wilcoxon.method == "all differences zero"
+    comparison = compare_metric("accuracy", "a", "b", x, x.copy(), alpha=0.05, k=4)
+    assert comparison.significant is False
+
+
+def test_wilcoxon_uses_the_normal_approximation_at_larger_n_and_matches_the_formula():
+    """n = 60 distinct differences (above the exact limit of 50): the p-value is the normal
+    approximation, computed here from its textbook formula (no continuity correction)."""
+    rng = np.random.default_rng(8)
+    y = rng.uniform(0.6, 0.8, 60)
+    x = y + rng.normal(0.01, 0.03, 60)
+    d = x - y
+    assert np.unique(np.abs(d)).size == 60 and np.all(d != 0)
+    result = wilcoxon_signed_rank(x, y)
+    assert result.method == "normal approximation" and result.n_nonzero == 60
+    n = 60
+    ranks = rankdata(np.abs(d))
+    w_plus = ranks[d > 0].sum()
+    z = (w_plus - n * (n + 1) / 4) / math.sqrt(n * (n + 1) * (2 * n + 1) / 24)
+    assert result.p == pytest.approx(2 * sps.norm.sf(abs(z)), rel=1e-9)
+    assert result.statistic == pytest.approx(min(w_plus, n * (n + 1) / 2 - w_plus))
+    assert 0.0 < result.p < 0.05  # a real shift of 0.01 per pair
