@@ -1,7 +1,8 @@
 # Two commands do all the setup on a fresh machine:
 #   make demo   - synthetic ECG reports, a small tracked study of two offline pretrained
 #                 backbones, its analysis, promotion
-#   make test   - the test suite
+#   make test   - the whole test suite (what CI runs)
+#   make test-fast - the quick lane: everything but the tests marked slow
 # Both create .venv and install the project into it first.
 
 PYTHON ?= python3
@@ -18,7 +19,7 @@ DEMO_SIZE ?= -P image_height=128 -P image_width=256
 DEMO_CACHE ?= .cache/features
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +43,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) mlruns mlflow.db .pytest_cache

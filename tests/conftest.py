@@ -8,26 +8,69 @@ from pathlib import Path
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+SHARED_DATA_ENV = "ECG_MLFLOW_SHARED_DATA"
+"""Points the tests at another copy of ../shared/data (and lets a test aim them at nothing)."""
+SHARED_DATA = Path(os.environ.get(SHARED_DATA_ENV) or PROJECT_ROOT.parent / "shared" / "data")
 REAL_IMAGES = SHARED_DATA / "ecg-images"
 REAL_ORIGINALS = SHARED_DATA / "ecg-originals-sample"
 REAL_FACTS = SHARED_DATA / "mendeley-v2-originals.csv"
 
 
+def infra_required() -> bool:
+    """CI (`.ci/run`) sets ECG_MLFLOW_REQUIRE_INFRA=1: there, what a test needs must be present."""
+    return os.environ.get("ECG_MLFLOW_REQUIRE_INFRA") == "1"
+
+
+def require_real_data(path: Path, what: str) -> Path:
+    """`path` if it exists; else skip, or fail where CI requires infra (the data is always
+    present in CI, so a missing folder there is a broken checkout, not a reason to skip)."""
+    if path.exists():
+        return path
+    message = f"{what} not found at {path} (it is always present in CI; {SHARED_DATA_ENV} overrides)"
+    if infra_required():
+        pytest.fail(f"ECG_MLFLOW_REQUIRE_INFRA=1 but {message}", pytrace=False)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def real_images() -> Path:
-    """The 928 real ECG reports (half-size JPEGs); skipped where ../shared/data is absent."""
-    if not REAL_IMAGES.is_dir():
-        pytest.skip(f"real dataset not found at {REAL_IMAGES} (it is always present in CI)")
-    return REAL_IMAGES
+    """The 928 real ECG reports (half-size JPEGs); skipped where ../shared/data is absent,
+    failed there when ECG_MLFLOW_REQUIRE_INFRA=1."""
+    return require_real_data(REAL_IMAGES, "real dataset")
 
 
 @pytest.fixture(scope="session")
 def real_originals() -> Path:
-    """Two untouched 2213 x 1572 originals per class."""
-    if not REAL_ORIGINALS.is_dir():
-        pytest.skip(f"original sample not found at {REAL_ORIGINALS} (it is always present in CI)")
-    return REAL_ORIGINALS
+    """Two untouched 2213 x 1572 originals per class (skip/fail rule as `real_images`)."""
+    return require_real_data(REAL_ORIGINALS, "original sample")
+
+
+@pytest.fixture(scope="session")
+def real_facts() -> Path:
+    """The published per-file facts of the Mendeley originals (skip/fail rule as `real_images`)."""
+    return require_real_data(REAL_FACTS, "Mendeley facts file")
+
+
+INFRA_FIXTURES = ("team_server", "private_team_server")
+"""PostgreSQL + S3 + MLflow server (infra/local/up), in any module."""
+SLOW_FIXTURES = {
+    "test_promote.py": "study",  # trains 2 backbones x 2 seeds
+    "test_serving.py": "served",  # trains a run and logs the serving model
+    "test_serve_http.py": "server",  # trains, promotes and starts `mlflow models serve`
+}
+"""Module fixtures that train models (module -> fixture)."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses a team server or a training module fixture is `slow` (and `infra` for
+    the servers), so the fast lane (`-m "not slow"`) never starts one by accident."""
+    for item in items:
+        uses = set(item.fixturenames)
+        if uses & set(INFRA_FIXTURES):
+            item.add_marker(pytest.mark.infra)
+            item.add_marker(pytest.mark.slow)
+        if SLOW_FIXTURES.get(item.path.name) in uses:
+            item.add_marker(pytest.mark.slow)
 
 
 _MLFLOW_CONTEXT_VARS = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")

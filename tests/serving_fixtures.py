@@ -144,9 +144,9 @@ def png_header_only(width: int, height: int) -> bytes:
 # ---- a real model server ----------------------------------------------------------------
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -182,18 +182,18 @@ def stop_process_group(process: subprocess.Popen, timeout: float = 30) -> None:
 
 @contextmanager
 def model_server(model_uri: str, tracking_uri: str, log: Path, *, workers: int | None = None,
-                 startup_timeout: float = 240.0) -> Iterator[ModelServer]:
-    """`mlflow models serve -m MODEL_URI --env-manager local` on a free loopback port; waits
-    for /ping, yields, then stops the whole process group it started."""
-    port = free_port()
-    command = ["mlflow", "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port),
+                 host: str = "127.0.0.1", startup_timeout: float = 240.0) -> Iterator[ModelServer]:
+    """`mlflow models serve -m MODEL_URI -h HOST --env-manager local` on a free port of `host`
+    (a loopback address); waits for /ping, yields, then stops the whole process group it started."""
+    port = free_port(host)
+    command = ["mlflow", "models", "serve", "-m", model_uri, "-h", host, "-p", str(port),
                "--env-manager", "local"]
     if workers:
         command += ["--workers", str(workers)]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, env=server_env(tracking_uri), stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-    server = ModelServer(f"http://127.0.0.1:{port}", process, log)
+    server = ModelServer(f"http://{host}:{port}", process, log)
     try:
         deadline = time.monotonic() + startup_timeout
         while True:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pandas as pd
@@ -78,6 +77,19 @@ def _predictions(arch: str, seed: int, salt: int = 0) -> tuple[pd.DataFrame, dic
     metrics.update({schema.class_metric("test", "f1", c): float(v) for c, v in zip(CLASSES, per_class)})
     metrics.update({name: float(rng.uniform(0, 0.5)) for name in schema.TEXT_SHARE_METRICS})
     return frame, metrics
+
+
+def _mcnemar_by_hand(seeds=(1, 2, 3)) -> tuple[int, int, float]:
+    """(b, c, exact p) of the full study's seed ensembles (argmax of the mean probabilities),
+    from the generated predictions: b = resnet50 right and efficientnetv2s wrong."""
+    correct = {}
+    for arch in ARCHS:
+        probs = np.mean([_predictions(arch, s)[0][list(schema.PROB_COLUMNS)].to_numpy() for s in seeds], axis=0)
+        correct[arch] = probs.argmax(axis=1) == TRUE
+    b = int(np.sum(correct["resnet50"] & ~correct["efficientnetv2s"]))
+    c = int(np.sum(~correct["resnet50"] & correct["efficientnetv2s"]))
+    assert b + c > 0  # discordant images exist, so the p-value is not the trivial 1
+    return b, c, float(sps.binomtest(b, b + c, 0.5).pvalue)
 
 
 class StudyBuilder:
@@ -192,14 +204,8 @@ def test_analyze_command_logs_an_analysis_run_matching_scipy(tracking_uri, tmp_p
     assert data.tags[schema.TAG_SIGNIFICANT] == str(accuracy_significant).lower()
     assert data.tags[schema.TAG_WINNER] == (data.tags[schema.winner_tag("accuracy")] if accuracy_significant else "none")
 
-    # McNemar recomputed by hand: seed ensemble = argmax of mean probabilities
-    correct = {}
-    for arch in ARCHS:
-        probs = np.mean([_predictions(arch, s)[0][list(schema.PROB_COLUMNS)].to_numpy() for s in (1, 2, 3)], axis=0)
-        correct[arch] = probs.argmax(axis=1) == TRUE
-    b = int(np.sum(correct["resnet50"] & ~correct["efficientnetv2s"]))
-    c = int(np.sum(~correct["resnet50"] & correct["efficientnetv2s"]))
-    assert data.metrics["accuracy_p_mcnemar"] == pytest.approx(sps.binomtest(b, b + c, 0.5).pvalue)
+    b, c, p_mcnemar = _mcnemar_by_hand()
+    assert data.metrics["accuracy_p_mcnemar"] == pytest.approx(p_mcnemar)
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert set(schema.ANALYSIS_ARTIFACTS) <= artifacts
@@ -337,7 +343,7 @@ def test_analyze_inside_a_project_run_logs_into_that_run(tracking_uri, tmp_path,
     assert run.info.run_id == project_run
     assert run.data.tags[schema.TAG_STUDY] == study_id
     assert run.data.params["alpha"] == "0.050"  # kept as `mlflow run` logged it
-    assert "accuracy_p_mcnemar" in run.data.metrics
+    assert run.data.metrics["accuracy_p_mcnemar"] == pytest.approx(_mcnemar_by_hand()[2])
 
 
 @pytest.mark.parametrize(
@@ -365,11 +371,16 @@ def test_metrics_subset_changes_the_bonferroni_family(tracking_uri, tmp_path):
     f1 = analysis.comparison("f1_macro")
     assert f1.p_bonferroni == pytest.approx(min(1.0, 2 * f1.ttest.p))
     assert analysis.comparison("f1_macro").mcnemar is None
-    assert analysis.comparison("accuracy").mcnemar is not None
-    assert not math.isnan(analysis.comparison("accuracy").p_mcnemar_bonferroni)
+    mcnemar = analysis.comparison("accuracy").mcnemar
+    b, c, p = _mcnemar_by_hand()
+    assert (mcnemar.b, mcnemar.c, mcnemar.n) == (b, c, N_IMAGES)
+    assert mcnemar.p == pytest.approx(p, rel=1e-12)
+    # the family is the two analysed metrics: Bonferroni multiplies by 2, not 4
+    assert analysis.comparison("accuracy").p_mcnemar_bonferroni == pytest.approx(min(1.0, 2 * p), rel=1e-12)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # `mlflow run` (600 s subprocess limit)
 def test_mlflow_run_analyze_entry_point_logs_into_the_project_run(tracking_uri, tmp_path):
     import os
     import subprocess

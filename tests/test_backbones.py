@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -14,6 +19,8 @@ from ecg_mlflow.model.backbones import (
     scaling_matrix,
     weights_identity,
 )
+
+from conftest import PROJECT_ROOT
 
 SMALL = (80, 96)  # above every backbone's minimum (InceptionV3 needs 75)
 
@@ -78,13 +85,41 @@ def test_weights_file_round_trip_and_mismatch(tmp_path, pixels):
         build_feature_extractor("resnet50", str(path), *SMALL)
 
 
-def test_imagenet_download_failure_names_the_alternatives():
-    # No machine here reaches the internet; the real download path must fail clearly.
-    with pytest.raises(BackboneError) as info:
-        build_feature_extractor("vgg16", "imagenet", *SMALL)
-    message = str(info.value)
+_DOWNLOAD_PROBE = """
+import sys
+from ecg_mlflow.model.backbones import BackboneError, build_feature_extractor
+try:
+    build_feature_extractor("vgg16", "imagenet", 80, 96)
+except BackboneError as exc:
+    print(exc)
+    sys.exit(3)
+print("downloaded")
+"""
+
+
+def test_imagenet_download_failure_names_the_alternatives(tmp_path):
+    """The real Keras download path, made to fail the same way on every machine: an empty
+    KERAS_HOME (no cached weights) and HTTPS through a proxy on a loopback port that refuses
+    connections (bound, never listening), through urllib's standard proxy variables."""
+    keras_home = tmp_path / "keras-home"
+    keras_home.mkdir()
+    with socket.socket() as refusing:
+        refusing.bind(("127.0.0.1", 0))  # held, not listening: connections get RST
+        proxy = f"http://127.0.0.1:{refusing.getsockname()[1]}"
+        env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "https_proxy", "http_proxy")}
+        env.update(KERAS_HOME=str(keras_home), https_proxy=proxy, HTTPS_PROXY=proxy, http_proxy=proxy,
+                   HTTP_PROXY=proxy, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(PROJECT_ROOT))
+        done = subprocess.run([sys.executable, "-c", _DOWNLOAD_PROBE], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+    message = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
+    # it did try Keras' download (of the no-top VGG16 file), and failed on the connection
+    assert "URL fetch failure on https://storage.googleapis.com/" in message, message
+    assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in message, message
+    assert "Connection refused" in message, message  # refused by our proxy port, not by DNS or a firewall
     assert "weights=none" in message and "weights=/path/to/file" in message
     assert "efficientnetlite0/efficientnetlite1/efficientnetlite2 with weights=imagenet" in message
+    assert not list(keras_home.rglob("*.h5")), "a failed download left a weights file behind"
 
 
 def test_unknown_backbone_and_too_small_image_are_refused():

@@ -101,6 +101,7 @@ def rerun_study(team_server, data: Path, cache: Path, experiment: str):
 
 @pytest.mark.infra
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # whole studies against a server being stopped, killed or restarted
 def test_study_killed_with_sigkill_resumes_with_only_the_missing_runs(team_server, data, tmp_path):
     experiment, cache, log = "fault-sigkill", tmp_path / "cache", tmp_path / "study.log"
     client = mlflow_client(team_server)
@@ -195,6 +196,7 @@ def test_a_write_killed_before_its_rename_leaves_only_an_ignored_tmp_file(tmp_pa
 
 @pytest.mark.infra
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # whole studies against a server being stopped, killed or restarted
 def test_tracking_server_stopped_mid_study_fails_clearly_then_resumes(team_server, data, tmp_path):
     experiment, cache, log = "fault-server-stop", tmp_path / "cache", tmp_path / "study.log"
     client = mlflow_client(team_server)
@@ -234,6 +236,7 @@ def test_tracking_server_stopped_mid_study_fails_clearly_then_resumes(team_serve
 
 @pytest.mark.infra
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # whole studies against a server being stopped, killed or restarted
 def test_four_processes_log_runs_at_once(team_server, data, tmp_path):
     """Four `ecg-mlflow train` processes, one cold feature cache: the server takes four
     writers at once and the cache four concurrent writers of the same entries."""
@@ -275,6 +278,7 @@ def test_four_processes_log_runs_at_once(team_server, data, tmp_path):
 
 @pytest.mark.infra
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # whole studies against a server being stopped, killed or restarted
 def test_study_completes_across_a_postgres_restart(team_server, data, tmp_path):
     """The server's pool pings connections before use and the client retries 5xx answers,
     so a restart of the database between two runs and another during one cost nothing."""

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import REAL_FACTS
 from ecg_mlflow.cli import main
 from ecg_mlflow.data.mendeley import EXIT_CHANGED, EXIT_EXTRA, EXIT_MISSING, MENDELEY_URL, load_facts, verify
 from ecg_mlflow.data.download import DownloadError, safe_extract
@@ -29,9 +28,11 @@ def test_packaged_facts_are_the_published_ones() -> None:
     assert Counter(f.label for f in facts) == {"MI": 239, "HMI": 172, "AHB": 233, "NORM": 284}
     assert len({f.sha256 for f in facts}) == 491
     assert MENDELEY_URL == "https://data.mendeley.com/public-api/zip/gwbz3fsgp8/download/2"
-    if REAL_FACTS.is_file():
-        packaged = Path(__file__).resolve().parents[1] / "ecg_mlflow" / "package_data" / REAL_FACTS.name
-        assert packaged.read_bytes() == REAL_FACTS.read_bytes()
+
+
+def test_packaged_facts_equal_the_shared_copy(real_facts: Path) -> None:
+    packaged = Path(__file__).resolve().parents[1] / "ecg_mlflow" / "package_data" / real_facts.name
+    assert packaged.read_bytes() == real_facts.read_bytes()
 
 
 def test_verify_reports_missing_changed_and_extra(real_originals: Path, tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ Covered elsewhere, with the real servers and files:
 - infra/local binds PostgreSQL, S3 and MLflow to 127.0.0.1: tests/test_local_infra.py;
   docker-compose publishes every port on ${ECG_MLFLOW_BIND_ADDRESS:-127.0.0.1}: test_infra_files.py.
 - `mlflow models serve` of the champion, started without --host, listens on 127.0.0.1 only:
-  tests/test_team_server.py::test_promote_then_serve_the_champion_from_the_registry.
+  tests/test_team_server.py::test_promote_then_serve_the_champion_from_the_registry; told
+  `-h 127.0.0.2`, it listens there only: tests/test_serve_http.py::test_the_server_binds_where_told_and_nowhere_else.
 - A dataset symlink pointing outside the dataset folder is refused:
   tests/test_dataset.py::test_symlink_outside_dataset_is_refused.
 """
@@ -64,7 +65,9 @@ def test_a_served_model_with_a_lambda_layer_is_refused_by_safe_mode(tracking_uri
     with mlflow.start_run(run_name="hostile-promote"):
         info = log_serving_model(source.info.run_id)
 
-    with pytest.raises(Exception, match="safe_mode"):
+    # Keras' own refusal (keras/src/layers/core/lambda_layer.py), raised before any code runs
+    with pytest.raises(ValueError, match=r"deserialization of a `Lambda` layer whose `function` is a Python "
+                                         r"lambda.*arbitrary code execution.*safe_mode=False"):
         mlflow.pyfunc.load_model(info.model_uri)
 
     local = mlflow.artifacts.download_artifacts(artifact_uri=info.model_uri, dst_path=str(tmp_path / "model"))

@@ -18,10 +18,10 @@ from ecg_mlflow.cli import main
 from ecg_mlflow.data.classes import CLASSES
 from ecg_mlflow.serving.pyfunc import IMAGE_COLUMN
 from ecg_mlflow.serving.client import predict_over_http
-
 from ecg_mlflow.data.decode import max_source_pixels
 from ecg_mlflow.serving.limits import DEFAULT_MAX_ROWS, MAX_LISTED_ROWS, MAX_ROWS_ENV
 
+from infra_fixtures import listening_addresses
 from serving_fixtures import (
     FOREIGN_FORMATS,
     foreign_image,
@@ -35,7 +35,9 @@ from serving_fixtures import (
     train_study,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # training and server start-up in setup
+TOLD_HOST = "127.0.0.2"
+"""Another loopback address (all of 127/8 is loopback on Linux): the server must bind where told."""
 FOREIGN_REFUSALS = {"TGA": "not an image: no JPEG or PNG header",
                     "PPM": "Netpbm (PBM/PGM/PPM) image; only JPEG and PNG are accepted"}
 
@@ -64,7 +66,7 @@ def server(tmp_path_factory):
         analysis = hand_analysis_run(study, "mobilenetv3large", "vgg16", significant=True)
         promoted = CliRunner().invoke(main, ["promote", "--experiment", "http", "--analysis-run", analysis])
         assert promoted.exit_code == 0, promoted.output
-        with model_server(CHAMPION_URI, uri, root / "server.log") as running:
+        with model_server(CHAMPION_URI, uri, root / "server.log", host=TOLD_HOST) as running:
             yield running, uri
 
 
@@ -87,6 +89,17 @@ def test_champion_alias_resolves_to_the_promoted_version(server):
     version = MlflowClient().get_model_version_by_alias(schema.DEFAULT_MODEL_NAME, schema.CHAMPION_ALIAS)
     assert str(version.version) == "1" and version.tags["arch"] == "mobilenetv3large"
     assert requests.get(f"{server[0].url}/health", timeout=5).status_code == 200
+
+
+def test_the_server_binds_where_told_and_nowhere_else(server):
+    """The told case of test_team_server's `binds to loopback unless told`: `-h 127.0.0.2`
+    listens on 127.0.0.2 only (not 127.0.0.1, not every address)."""
+    port = int(server[0].url.rsplit(":", 1)[1])
+    told_hex = "".join(f"{int(part):02X}" for part in reversed(TOLD_HOST.split(".")))
+    assert told_hex == "0200007F"
+    assert listening_addresses(port) == {told_hex}
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/ping", timeout=5)
 
 
 def test_originals_over_http_equal_the_in_process_prediction(server, originals):
@@ -149,9 +162,12 @@ def test_predict_command_over_http(server, real_originals, tmp_path):
     result = CliRunner().invoke(main, ["predict", *map(str, files), "--url", url, "--json"])
     assert result.exit_code == 0, result.output
     records = json.loads(result.output)
-    direct = predict_over_http(url, [f.read_bytes() for f in files])
-    assert [r["label"] for r in records] == list(direct["label"])
     assert [r["file"] for r in records] == [str(f) for f in files]
+    # against the champion loaded in this process, not against the command's own HTTP client
+    local = mlflow.pyfunc.load_model(CHAMPION_URI).predict(pd.DataFrame({IMAGE_COLUMN: [f.read_bytes() for f in files]}))
+    assert [r["label"] for r in records] == list(local["label"])
+    np.testing.assert_allclose([[r[c] for c in schema.PROB_COLUMNS] for r in records],
+                               local[list(schema.PROB_COLUMNS)].to_numpy(), atol=1e-6, rtol=0)
 
     bad = tmp_path / "empty.png"
     bad.write_bytes(b"")

@@ -31,6 +31,7 @@ from serving_fixtures import (
     train_study,
 )
 
+pytestmark = pytest.mark.timeout(1200)  # the module fixture trains models in the first test's setup
 ARCH = "mobilenetv3large"
 
 
@@ -172,14 +173,25 @@ def test_a_frame_without_the_image_column_is_a_400_naming_it(served):
 
 
 def test_png_rgba_and_grayscale_inputs_are_served(served, originals):
-    rgb = Image.open(io.BytesIO(originals[0][1]))
-    encoded = []
-    for mode in ("RGBA", "L"):
+    """An RGBA PNG is served as its RGB content, a grayscale PNG as that gray image in RGB:
+    each prediction equals the one of the RGB-converted image."""
+
+    def png(image: Image.Image) -> bytes:
         buffer = io.BytesIO()
-        rgb.convert(mode).save(buffer, format="PNG")
-        encoded.append(buffer.getvalue())
-    frame = served["model"].predict(pd.DataFrame({IMAGE_COLUMN: encoded}))
-    np.testing.assert_allclose(frame[list(schema.PROB_COLUMNS)].sum(axis=1), 1.0, atol=1e-5)
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    rgb = Image.open(io.BytesIO(originals[0][1])).convert("RGB")
+    gray = rgb.convert("L")
+    pairs = [(png(rgb.convert("RGBA")), png(rgb)), (png(gray), png(gray.convert("RGB")))]
+    frame = served["model"].predict(pd.DataFrame({IMAGE_COLUMN: [image for pair in pairs for image in pair]}))
+    probs = frame[list(schema.PROB_COLUMNS)].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    for i, mode in enumerate(("RGBA", "L")):
+        assert frame["label"][2 * i] == frame["label"][2 * i + 1], mode
+        np.testing.assert_allclose(probs[2 * i], probs[2 * i + 1], atol=1e-6, err_msg=mode)
+    # and the two modes are really different inputs (a constant model would pass the above)
+    assert np.abs(probs[0] - probs[2]).max() > 1e-6
 
 
 def test_preprocessing_is_parsed_from_run_params_with_clear_errors():
@@ -200,27 +212,6 @@ def test_a_run_without_a_keras_model_cannot_be_served(served):
     with mlflow.start_run(experiment_id=served["experiment_id"]):
         with pytest.raises(ValueError, match=f"run {bare.info.run_id} has no usable logged Keras model"):
             log_serving_model(bare.info.run_id)
-
-
-def test_the_keras_model_is_loaded_in_safe_mode(served, tmp_path):
-    """A .keras file with a Python lambda inside is refused at load time, not executed."""
-    inputs = keras.Input((4, 4, 3))
-    outputs = keras.layers.Lambda(lambda x: x * 2.0)(inputs)
-    unsafe = tmp_path / "unsafe.keras"
-    keras.Model(inputs, outputs).save(unsafe)
-    script = tmp_path / "model.py"
-    script.write_text(MODEL_SCRIPT)
-    from ecg_mlflow.serving.packaging import _package_copy
-
-    code = _package_copy(tmp_path / "code")
-    with mlflow.start_run(experiment_id=served["experiment_id"], run_name="unsafe"):
-        info = mlflow.pyfunc.log_model(
-            name="unsafe", python_model=str(script), artifacts={KERAS_ARTIFACT: str(unsafe)},
-            model_config=Preprocessing(ARCH, 4, 4, "none").to_config(), code_paths=[str(code)],
-            signature=serving_signature(),
-        )
-    with pytest.raises(Exception, match="(?i)lambda|safe_mode"):
-        mlflow.pyfunc.load_model(info.model_uri)
 
 
 def test_predict_command_in_process_prints_labels_and_json(served, real_originals, tmp_path):

@@ -218,6 +218,44 @@ def test_bootstrap_matches_a_loop_over_resamples_with_sklearn():
         assert got[metric].p == pytest.approx(p)
 
 
+@pytest.mark.parametrize("metric", ["accuracy", "f1_macro"])
+def test_bootstrap_interval_agrees_with_scipy_bootstrap(metric):
+    """Independent of our draws: scipy.stats.bootstrap (paired, percentile) over the same
+    images gives the same interval within Monte Carlo error (both seeded, so deterministic)."""
+    rng = np.random.default_rng(5)
+    true = rng.integers(0, 4, 60)
+    first, second = _random_runs(rng, true, 3, 0.8), _random_runs(rng, true, 3, 0.55)
+    n_resamples, confidence = 4000, 0.9
+    got = paired_bootstrap(true, first, second, (metric,), n_resamples=n_resamples, seed=3,
+                           confidence=confidence)[metric]
+    def f1_macro(t, p):  # numpy, for speed (checked against scikit-learn below)
+        confusion = np.zeros((4, 4))
+        np.add.at(confusion, (t, p), 1)
+        tp, predicted, actual = np.diag(confusion), confusion.sum(0), confusion.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1 = np.nan_to_num(2 * tp / (predicted + actual))
+        return f1.mean()
+
+    score = {"accuracy": lambda t, p: np.mean(t == p), "f1_macro": f1_macro}[metric]
+    assert f1_macro(true, first[0]) == pytest.approx(f1_score(true, first[0], average="macro", zero_division=0))
+
+    def difference(images):  # the statistic over one resample of image indices
+        return (np.mean([score(true[images], run[images]) for run in first])
+                - np.mean([score(true[images], run[images]) for run in second]))
+
+    reference = sps.bootstrap((np.arange(true.size),), difference, paired=True, vectorized=False,
+                              n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+                              random_state=np.random.default_rng(17))
+    assert got.observed_diff == pytest.approx(difference(np.arange(true.size)), abs=1e-12)
+    assert got.observed_diff > 0.1  # a real difference, so the interval is not degenerate
+    width = reference.confidence_interval.high - reference.confidence_interval.low
+    assert width > 0.05
+    # Monte Carlo error of a 5% / 95% quantile with 4000 draws is well under 0.01 here
+    assert got.ci_low == pytest.approx(reference.confidence_interval.low, abs=0.015)
+    assert got.ci_high == pytest.approx(reference.confidence_interval.high, abs=0.015)
+    assert got.p < 0.01 and reference.confidence_interval.low > 0
+
+
 def test_compare_metric_uses_bonferroni_confidence_and_names_the_winner():
     x, y = [0.80, 0.82, 0.81, 0.83, 0.84], [0.78, 0.79, 0.80, 0.80, 0.79]
     result = compare_metric("accuracy", "resnet50", "efficientnetv2s", x, y, alpha=0.05, k=4)
@@ -225,7 +263,15 @@ def test_compare_metric_uses_bonferroni_confidence_and_names_the_winner():
     assert result.first_summary.confidence == pytest.approx(0.9875)
     assert result.winner == "resnet50"
     assert result.p_bonferroni == pytest.approx(min(1, 4 * sps.ttest_rel(x, y).pvalue))
-    assert result.significant == (result.p_bonferroni < 0.05)
+    # R: t.test(x, y, paired = TRUE)$p.value = 0.01346508; x 4 = 0.05386 > 0.05. Significant
+    # unadjusted, not after Bonferroni: the verdict must follow the adjusted p.
+    assert result.p_bonferroni == pytest.approx(0.0538603017, rel=1e-8)
+    assert result.significant is False
+    clear = compare_metric("accuracy", "resnet50", "efficientnetv2s",
+                           [0.85, 0.841, 0.849, 0.85, 0.842], y, alpha=0.05, k=4)
+    # R: t.test(c(.85,.841,.849,.85,.842), y, paired = TRUE)$p.value * 4 (about 1e-4)
+    assert clear.p_bonferroni == pytest.approx(4 * sps.ttest_rel([0.85, 0.841, 0.849, 0.85, 0.842], y).pvalue)
+    assert clear.p_bonferroni < 0.001 and clear.significant is True
     row = result.to_dict()
     assert row["mean_diff"] == pytest.approx(np.mean(np.subtract(x, y)))
     assert row["winner"] == "resnet50"
@@ -386,3 +432,58 @@ def test_five_by_two_degenerate_and_bad_shapes():
     assert flat.t == math.inf and flat.p == 0.0 and flat.p_f == 0.0
     with pytest.raises(ValueError, match=r"shape \(5 repeats, 2 folds\)"):
         five_by_two_cv_test(np.zeros((2, 5)))
+
+
+# ---- degenerate inputs: results that must not look like evidence ---------------------------
+
+
+def test_identical_nonzero_differences_give_no_t_test_and_no_verdict():
+    """Every seed 0.02 better: SD(d) = 0, so t and p are undefined, the effect size is +inf,
+    Bonferroni keeps NaN, and nothing is called significant."""
+    y = np.array([0.70, 0.75, 0.80, 0.72, 0.78])
+    x = y + 0.02
+    result = paired_ttest(x, y, 0.95)
+    assert math.isnan(result.p) and math.isnan(result.t) and result.df == 4
+    assert result.sd_diff == 0.0 and result.mean_diff == pytest.approx(0.02)
+    assert result.ci_low == result.ci_high == result.mean_diff
+    # scipy 1.17 answers t = inf, p = 0 here ("infinitely significant" from 5 equal numbers);
+    # the analysis deliberately reports no p-value instead, so no promotion can follow from it
+    with np.errstate(all="ignore"):
+        assert sps.ttest_rel(x, y).statistic == math.inf
+    assert cohens_dz(x, y) == math.inf and cohens_dz(y, x) == -math.inf
+    comparison = compare_metric("accuracy", "a", "b", x, y, alpha=0.05, k=4)
+    assert math.isnan(comparison.p_bonferroni) and comparison.significant is False
+    # Wilcoxon sees 5 positive differences with tied ranks: all 2**5 sign flips, p = 2/32
+    wilcoxon = wilcoxon_signed_rank(x, y)
+    assert wilcoxon.n_nonzero == 5 and wilcoxon.p == pytest.approx(2 / 32)
+
+
+def test_all_zero_differences_give_p_one_and_no_effect():
+    x = np.array([0.8, 0.7, 0.9, 0.85])
+    result = paired_ttest(x, x.copy(), 0.95)
+    assert math.isnan(result.p) and result.mean_diff == 0.0 and (result.ci_low, result.ci_high) == (0.0, 0.0)
+    assert math.isnan(cohens_dz(x, x.copy()))
+    wilcoxon = wilcoxon_signed_rank(x, x.copy())
+    assert (wilcoxon.n_nonzero, wilcoxon.p, wilcoxon.statistic) == (0, 1.0, 0.0)
+    assert wilcoxon.method == "all differences zero"
+    comparison = compare_metric("accuracy", "a", "b", x, x.copy(), alpha=0.05, k=4)
+    assert comparison.significant is False
+
+
+def test_wilcoxon_uses_the_normal_approximation_at_larger_n_and_matches_the_formula():
+    """n = 60 distinct differences (above the exact limit of 50): the p-value is the normal
+    approximation, computed here from its textbook formula (no continuity correction)."""
+    rng = np.random.default_rng(8)
+    y = rng.uniform(0.6, 0.8, 60)
+    x = y + rng.normal(0.01, 0.03, 60)
+    d = x - y
+    assert np.unique(np.abs(d)).size == 60 and np.all(d != 0)
+    result = wilcoxon_signed_rank(x, y)
+    assert result.method == "normal approximation" and result.n_nonzero == 60
+    n = 60
+    ranks = rankdata(np.abs(d))
+    w_plus = ranks[d > 0].sum()
+    z = (w_plus - n * (n + 1) / 4) / math.sqrt(n * (n + 1) * (2 * n + 1) / 24)
+    assert result.p == pytest.approx(2 * sps.norm.sf(abs(z)), rel=1e-9)
+    assert result.statistic == pytest.approx(min(w_plus, n * (n + 1) / 2 - w_plus))
+    assert 0.0 < result.p < 0.05  # a real shift of 0.01 per pair

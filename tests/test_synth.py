@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -270,11 +271,19 @@ def test_previous_output_is_replaced_but_foreign_files_are_refused(tmp_path):
         write_synthetic_dataset(notes, per_class=1, seed=0, **SMALL)
 
 
-def test_real_dataset_is_never_overwritten(real_originals):
-    before = {p: sha256_of(p) for p in real_originals.rglob("*.jpg")}
+def test_real_dataset_is_never_overwritten(real_originals, tmp_path):
+    """Aimed at a copy of the real originals, never at the shared data itself: if the guard
+    regressed, only the copy would be lost (and the test would say so)."""
+    copy = tmp_path / "originals-copy"
+    shutil.copytree(real_originals, copy)
+    before = {p.relative_to(copy): sha256_of(p) for p in copy.rglob("*") if p.is_file()}
+    assert before == {p.relative_to(real_originals): sha256_of(p) for p in real_originals.rglob("*") if p.is_file()}
+    assert len(before) == 8  # two originals per class
     with pytest.raises(ValueError, match="which synth did not write"):
-        write_synthetic_dataset(real_originals, per_class=1, seed=0, **SMALL)
-    assert {p: sha256_of(p) for p in real_originals.rglob("*.jpg")} == before
+        write_synthetic_dataset(copy, per_class=1, seed=0, **SMALL)
+    after = {p.relative_to(copy): sha256_of(p) for p in copy.rglob("*") if p.is_file()}
+    assert after == before  # nothing written, replaced or deleted; no marker left either
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in real_originals.iterdir())
 
 
 @pytest.mark.parametrize(

@@ -384,6 +384,7 @@ def test_joining_a_study_with_other_settings_names_the_difference(synthetic, tra
 # --- two parallel workers on a real PostgreSQL ------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # two workers (600 s each) against the team server
 @pytest.mark.infra
 def test_two_postgres_workers_make_one_study(team_server, synthetic, tmp_path):  # noqa: F811
     import mlflow
