@@ -67,7 +67,7 @@ def train_and_log(
     split = make_split(manifest, config.split, config.seed)
     leakage = measure_leakage(manifest, split)
     _log_params(run.info.run_id, config, manifest, split)
-    mlflow.set_tag(schema.TAG_ROLE, schema.ROLE_TRAIN)
+    mlflow.set_tags({schema.TAG_ROLE: schema.ROLE_TRAIN, **backend_tags()})
     _log_dataset(manifest, config.data)
 
     data = prepare_features(config, manifest, split, progress=progress)
@@ -117,6 +117,14 @@ def train_and_log(
     _say(progress, f"{run_name(config)}: test accuracy {metrics['test_accuracy']:.3f}, "
                    f"macro F1 {metrics['test_f1_macro']:.3f} (run {run.info.run_id})")
     return TrainResult(run.info.run_id, metrics, split, leakage, cache, max_diff)
+
+
+def backend_tags() -> dict[str, str]:
+    """Which Keras backend computed the run and on what device: a model trained under one
+    serves under the other, but features and numbers differ in the last digits."""
+    from ecg_mlflow.model.backend import backend_name, device_kind
+
+    return {schema.TAG_KERAS_BACKEND: backend_name(), schema.TAG_DEVICE: device_kind()}
 
 
 @dataclass(frozen=True)

@@ -76,9 +76,13 @@ def test_signature_and_packaging_state_the_contract(served):
     run_params = mlflow.get_run(served["source"]).data.params
     assert pyfunc["config"] == {"arch": ARCH, "image_height": int(run_params["image_height"]),
                                 "image_width": int(run_params["image_width"]), "crop": run_params["crop"]}
-    requirements = (Path(local) / "requirements.txt").read_text()
-    for package in ("mlflow==", "keras==", "tensorflow-cpu==", "pillow==", "pandas=="):
-        assert package in requirements
+    # the backend as installed here: tensorflow-cpu (`.[cpu]`), tensorflow (`.[gpu]`) or jax
+    from ecg_mlflow.model.backend import backend_name
+    from ecg_mlflow.tracking.model_logging import backend_packages, installed_version
+
+    requirements = (Path(local) / "requirements.txt").read_text().splitlines()
+    for package in ("mlflow", "keras", *backend_packages(backend_name()), "pillow", "pandas"):
+        assert f"{package}=={installed_version(package)}" in requirements
 
 
 def test_real_originals_match_the_keras_model_on_load_pixels(served, originals, tmp_path):

@@ -1,7 +1,7 @@
 """Feature cache: the frozen backbone runs once per unique image content.
 
 An entry is addressed by the image's SHA-256 under a folder keyed by everything that
-changes the features (backbone, weights, preprocessing, Keras version). Each entry holds
+changes the features (backbone, weights, preprocessing, Keras version and backend). Each entry holds
 the float32 features followed by the SHA-256 of those bytes, is written to a temporary
 file and renamed into place (atomic), and is recomputed when its length or checksum is
 wrong, so a damaged entry is never trusted. A process killed mid-write (SIGKILL, power
@@ -53,6 +53,8 @@ class FeatureKey:
     def fields(self) -> dict[str, object]:
         import keras
 
+        from ecg_mlflow.model.backend import backend_name
+
         return {
             "arch": self.arch,
             "weights": weights_identity(self.weights, self.arch),
@@ -60,6 +62,7 @@ class FeatureKey:
             "width": self.width,
             "crop": self.crop,
             "keras": keras.__version__,
+            "backend": backend_name(),  # TensorFlow and JAX kernels round differently
             "pass": "predict_on_batch",  # features of eager calls differ in the last digits
         }
 
