@@ -2,7 +2,8 @@
 #   make demo   - synthetic ECG reports, a small tracked study, its analysis, promotion
 #   make test   - the test suite
 # Both create .venv and install the project into it first (TensorFlow for the CPU: `.[cpu]`).
-#   make test-jax - the train, study and serving tests again under KERAS_BACKEND=jax, in .venv-jax
+#   make test-jax - the backend, train, study and serving tests again under KERAS_BACKEND=jax
+#                   (not the slow `mlflow run` ones: plumbing the TensorFlow lane covers), in .venv-jax
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -56,7 +57,7 @@ test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-jax: setup-jax
-	PATH="$(JAX_BIN):$$PATH" KERAS_BACKEND=jax $(JAX_BIN)/python -m pytest -m "not infra" $(JAX_TESTS) $(PYTEST_ARGS)
+	PATH="$(JAX_BIN):$$PATH" KERAS_BACKEND=jax $(JAX_BIN)/python -m pytest -m "not infra and not slow" $(JAX_TESTS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(JAX_VENV) mlruns mlflow.db .pytest_cache
