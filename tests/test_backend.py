@@ -154,10 +154,16 @@ def test_the_whole_model_equals_the_head_at_each_precision(precision, tmp_path):
 
 @needs_jax
 def test_the_jax_path_trains_without_importing_tensorflow(tmp_path):
-    """Determinism, training and the whole model under JAX never import TensorFlow, even
-    where it is installed; XLA is asked for deterministic GPU kernels."""
+    """Determinism and training under JAX run with TensorFlow unimportable, even where it is
+    installed (Keras' own set_random_seed would import it otherwise); XLA is asked for
+    deterministic GPU kernels."""
     code = """
 import os, sys
+class NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'tensorflow':
+            raise ImportError('TensorFlow is blocked on the JAX path')
+sys.meta_path.insert(0, NoTensorFlow())
 import numpy as np
 from ecg_mlflow.model.backend import backend_name, device_kind, make_deterministic
 from ecg_mlflow.model.head import HeadConfig, train_head
