@@ -3,7 +3,9 @@
 #                 backbones, its analysis, promotion
 #   make test   - the whole test suite (what CI runs)
 #   make test-fast - the quick lane: everything but the tests marked slow
-# Both create .venv and install the project into it first.
+# Both create .venv and install the project into it first (TensorFlow for the CPU: `.[cpu]`).
+#   make test-jax - the backend, train, study and serving tests again under KERAS_BACKEND=jax
+#                   (not the slow `mlflow run` ones: plumbing the TensorFlow lane covers), in .venv-jax
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,15 +20,30 @@ DEMO_ARCHS ?= efficientnetlite0,efficientnetlite1
 DEMO_SIZE ?= -P image_height=128 -P image_width=256
 DEMO_CACHE ?= .cache/features
 PYTEST_ARGS ?=
+EXTRAS ?= cpu,test
+# The JAX lane: its own venv with both backends (the cross-backend tests load under one what
+# the other saved), KERAS_BACKEND=jax for every test and every process they start.
+JAX_VENV ?= .venv-jax
+JAX_BIN := $(abspath $(JAX_VENV))/bin
+JAX_EXTRAS ?= cpu,jax,test
+JAX_TESTS ?= tests/test_backend.py tests/test_train.py tests/test_study.py tests/test_serving.py
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup setup-jax demo test test-fast test-jax clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	touch $@
+
+setup-jax: $(JAX_VENV)/.installed
+
+$(JAX_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(JAX_VENV)
+	$(JAX_BIN)/python -m pip install --quiet --upgrade pip
+	$(JAX_BIN)/python -m pip install --quiet -e '.[$(JAX_EXTRAS)]'
 	touch $@
 
 demo: setup
@@ -47,5 +64,8 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+test-jax: setup-jax
+	PATH="$(JAX_BIN):$$PATH" KERAS_BACKEND=jax $(JAX_BIN)/python -m pytest -m "not infra and not slow" $(JAX_TESTS) $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) mlruns mlflow.db .pytest_cache
+	rm -rf $(VENV) $(JAX_VENV) mlruns mlflow.db .pytest_cache

@@ -66,14 +66,12 @@ def paper_way(arch, weights, config, x, y, seed, epochs):
     import keras
 
     from ecg_mlflow.model.backbones import build_feature_extractor
+    from ecg_mlflow.model.backend import make_deterministic
     from ecg_mlflow.model.head import build_head
 
     extractor = build_feature_extractor(arch, weights, config.image_height, config.image_width)
     start = time.perf_counter()
-    import tensorflow as tf
-
-    tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(seed)  # as train_head does, so both heads start alike
+    make_deterministic(seed)  # as train_head does, so both heads start alike
     head = build_head(extractor.output_shape[-1], config.dense_units, config.dropout)
     inputs = keras.Input(shape=(config.image_height, config.image_width, 3))
     model = keras.Model(inputs, head(extractor(inputs)))

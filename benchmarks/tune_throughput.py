@@ -111,7 +111,8 @@ def report(args, manifest, results) -> str:
     """The markdown section's body: settings, one row per worker, what it means."""
     import keras
     import optuna
-    import tensorflow as tf
+
+    from ecg_mlflow.model.backend import backend_version
 
     cold, warm = results[0][1], results[1][1]
     from report import machine
@@ -119,7 +120,7 @@ def report(args, manifest, results) -> str:
     lines = [
         f"Written by `benchmarks/tune_throughput.py --n-trials {args.n_trials}` on "
         f"{machine()} (shared; load average "
-        f"{os.getloadavg()[0]:.1f} at the end), TensorFlow {tf.__version__}, Keras "
+        f"{os.getloadavg()[0]:.1f} at the end), backend {backend_version()}, Keras "
         f"{keras.__version__}, Optuna {optuna.__version__}.", "",
         f"The real images ({len(manifest.records)} files, "
         f"{len({r.sha256 for r in manifest.records})} unique), {args.arch} with weights={args.weights} "

@@ -10,12 +10,20 @@ from __future__ import annotations
 import click
 
 from ecg_mlflow import __version__
+from ecg_mlflow.model.backend import BackendMissingError, check_backend_installed, request_xla_determinism
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ecg-mlflow")
 def main() -> None:
     """Transfer-learning study on ECG report images, tracked in MLflow."""
+    # Before any subcommand imports Keras: a missing backend is one line naming the extras,
+    # and XLA reads its determinism flag only when JAX starts.
+    try:
+        check_backend_installed()
+    except BackendMissingError as exc:
+        raise click.ClickException(str(exc)) from None
+    request_xla_determinism()
 
 
 COMMAND_GROUP = "ecg_mlflow.commands"

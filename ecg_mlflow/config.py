@@ -28,7 +28,16 @@ PAPER_HEIGHT = 512
 PAPER_WIDTH = 1024
 MAX_SIDE = 4096
 HEAD_FIELDS = ("dense_units", "dropout", "learning_rate", "batch_size")
-DEFAULT_ENGINE = "openvino"
+
+
+def default_engine() -> str:
+    """openvino where the Keras backend is TensorFlow (OpenVINO converts through it), else keras."""
+    from ecg_mlflow.model.backend import configured_backend
+
+    return "openvino" if configured_backend() == "tensorflow" else "keras"
+
+
+DEFAULT_ENGINE = default_engine()
 DEFAULT_PRECISION = "fp32"
 """The backbone pass's defaults, chosen by benchmarks/engines.py (docs/benchmarks.md, "Backbone
 engines"): OpenVINO fp32 is about twice as fast as Keras and its features agree with Keras' to

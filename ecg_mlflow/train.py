@@ -143,7 +143,7 @@ def log_run_inputs(run: PreparedRun) -> None:
     if config.head_config:
         mlflow.log_dict({k: getattr(config, k) for k in HEAD_FIELDS}, schema.ARTIFACT_HEAD)
     _log_params(_require_active_run("log_run_inputs"), config, run.manifest, run.split)
-    mlflow.set_tag(schema.TAG_ROLE, schema.ROLE_TRAIN)
+    mlflow.set_tags({schema.TAG_ROLE: schema.ROLE_TRAIN, **backend_tags()})
     _log_dataset(run.manifest, config.data)
 
 
@@ -211,6 +211,14 @@ def _log_curves(run_id: str, history) -> None:
     client = mlflow.MlflowClient()
     for start in range(0, len(curves), LOG_BATCH_METRICS):
         client.log_batch(run_id, metrics=curves[start:start + LOG_BATCH_METRICS])
+
+
+def backend_tags() -> dict[str, str]:
+    """Which Keras backend computed the run and on what device: a model trained under one
+    serves under the other, but features and numbers differ in the last digits."""
+    from ecg_mlflow.model.backend import backend_name, device_kind
+
+    return {schema.TAG_KERAS_BACKEND: backend_name(), schema.TAG_DEVICE: device_kind()}
 
 
 @dataclass(frozen=True)

@@ -85,9 +85,13 @@ def test_signature_and_packaging_state_the_contract(served):
                                 "image_width": int(run_params["image_width"]), "crop": run_params["crop"],
                                 schema.CONFIG_ENGINE: "keras", schema.CONFIG_PRECISION: "fp32"}
     assert np.asarray(probe).shape == (2, 4)  # the recorded engine's output on the probe input
-    requirements = (Path(local) / "requirements.txt").read_text()
-    for package in ("mlflow==", "keras==", "tensorflow-cpu==", "pillow==", "pandas=="):
-        assert package in requirements
+    # the backend as installed here: tensorflow-cpu (`.[cpu]`), tensorflow (`.[gpu]`) or jax
+    from ecg_mlflow.model.backend import backend_name
+    from ecg_mlflow.tracking.model_logging import backend_packages, installed_version
+
+    requirements = (Path(local) / "requirements.txt").read_text().splitlines()
+    for package in ("mlflow", "keras", *backend_packages(backend_name()), "pillow", "pandas"):
+        assert f"{package}=={installed_version(package)}" in requirements
 
 
 def test_real_originals_match_the_keras_model_on_load_pixels(served, originals, tmp_path):

@@ -87,6 +87,10 @@ def openvino_missing() -> str:
         import openvino  # noqa: F401
     except ImportError as exc:
         return f"openvino is not importable ({exc})"
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return f"openvino converts Keras models through TensorFlow and the Keras backend is {keras.backend.backend()}"
     return ""
 
 

@@ -2,7 +2,7 @@
 
 An entry is addressed by the image's SHA-256 under a folder keyed by everything that
 changes the features (backbone, weights, preprocessing, engine and precision, Keras
-version). Each entry holds the float32 features followed by the SHA-256 of those bytes and is
+version and backend). Each entry holds the float32 features followed by the SHA-256 of those bytes and is
 published atomically; it is recomputed when its length or checksum is wrong, so a damaged entry is never trusted.
 The bytes live in a folder or under an S3 prefix (`cache_dir=s3://bucket/prefix`), with the
 same layout (arch/digest/sha[:2]/sha.f32 and key.json); ecg_mlflow.model.cache_store says how
@@ -67,6 +67,8 @@ class FeatureKey:
     def fields(self) -> dict[str, object]:
         import keras
 
+        from ecg_mlflow.model.backend import backend_name
+
         fields: dict[str, object] = {
             "arch": self.arch,
             "weights": weights_identity(self.weights, self.arch),
@@ -76,6 +78,11 @@ class FeatureKey:
             "keras": keras.__version__,
             "pass": "predict_on_batch",  # features of eager calls differ in the last digits
         }
+        # TensorFlow and JAX kernels round differently; TensorFlow keeps the key it had before
+        # backends were chosen, so its caches stay valid.
+        backend = backend_name()
+        if backend != "tensorflow":
+            fields["backend"] = backend
         # Keras fp32 keeps the key it had before engines existed, so its caches stay valid.
         if (self.engine, self.precision) != ("keras", "fp32"):
             fields.update(engine=self.engine, precision=self.precision)

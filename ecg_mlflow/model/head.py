@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ecg_mlflow.data.classes import CLASSES
+from ecg_mlflow.model.backend import make_deterministic
 
 PAPER_DENSE_UNITS: tuple[int, ...] = (1024, 512)
 PAPER_DROPOUT = 0.2
@@ -80,10 +81,8 @@ def train_head(
     `shuffle=False` only serves benchmarks that compare against a fused model.
     """
     import keras
-    import tensorflow as tf
 
-    keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
+    make_deterministic(seed)
     head = build_head(x_train.shape[1], config.dense_units, config.dropout)
     head.compile(
         optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate),

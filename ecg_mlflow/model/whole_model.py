@@ -13,14 +13,17 @@ if TYPE_CHECKING:
 EQUALITY_TOLERANCE = 1e-5
 
 
-def assemble_model(config: TrainConfig, head):
+def assemble_model(config: TrainConfig, head, extractor=None):
     """The whole model, RGB 0..255 in, class probabilities out: input scaling, frozen
-    backbone, pooling (one feature extractor) and the trained head."""
+    backbone, pooling (one feature extractor) and the trained head. `extractor` is the one
+    that computed the features (default: the shared fp32 one of `config`), so a backbone
+    built at another precision serves as it computed."""
     import keras
 
     from ecg_mlflow.model.backbones import shared_feature_extractor
 
-    extractor = shared_feature_extractor(config.arch, config.weights, config.image_height, config.image_width)
+    if extractor is None:
+        extractor = shared_feature_extractor(config.arch, config.weights, config.image_height, config.image_width)
     inputs = keras.Input(shape=(config.image_height, config.image_width, 3), name="image", dtype="float32")
     outputs = head(extractor(inputs))
     return keras.Model(inputs, outputs, name=f"ecg_{config.arch}")

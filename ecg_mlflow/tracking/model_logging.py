@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+import sys
+from typing import Sequence
 
 import numpy as np
 
@@ -45,20 +47,28 @@ def model_signature(height: int, width: int):
     )
 
 
-def pinned_requirements(*packages: str) -> list[str]:
+def installed_version(name: str, path: Sequence[str] | None = None) -> str:
+    """Version of the installed distribution `name`, looked up in `path` (default sys.path);
+    PackageNotFoundError when it is not installed there."""
+    from importlib.metadata import PackageNotFoundError, distributions
+
+    for found in distributions(name=name, path=list(path) if path is not None else sys.path):
+        return found.version
+    raise PackageNotFoundError(name)
+
+
+def pinned_requirements(*packages: str, path: Sequence[str] | None = None) -> list[str]:
     """`name==version` of installed packages, so MLflow skips slow requirement inference."""
-    from importlib.metadata import version
-
-    return [f"{p}=={version(p)}" for p in packages]
+    return [f"{p}=={installed_version(p, path)}" for p in packages]
 
 
-def installed_distribution(candidates) -> str:
+def installed_distribution(candidates: Sequence[str], path: Sequence[str] | None = None) -> str:
     """The first of `candidates` that is installed; which TensorFlow build is here."""
-    from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import PackageNotFoundError
 
     for name in candidates:
         try:
-            version(name)
+            installed_version(name, path)
             return name
         except PackageNotFoundError:
             continue
@@ -70,14 +80,25 @@ def engine_packages(engine: str) -> tuple[str, ...]:
     return ("openvino",) if engine == "openvino" else ()
 
 
-def keras_requirements(*extra: str) -> list[str]:
-    """mlflow, keras and the backend that is installed and active (TensorFlow under
-    whichever distribution name, or JAX), plus `extra`, pinned to their installed versions."""
-    import keras
+def backend_packages(backend: str, path: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The distributions a model needs for `backend`: JAX's two, or TensorFlow under the
+    name it is installed as (tensorflow-cpu from `.[cpu]`, tensorflow from `.[gpu]`)."""
+    return BACKEND_PACKAGES.get(backend) or (installed_distribution(TENSORFLOW_DISTRIBUTIONS, path),)
 
-    backend = keras.backend.backend()
-    packages = BACKEND_PACKAGES.get(backend) or (installed_distribution(TENSORFLOW_DISTRIBUTIONS),)
-    return pinned_requirements("mlflow", "keras", *packages, *extra)
+
+def keras_requirements(*extra: str, backend: str | None = None, path: Sequence[str] | None = None) -> list[str]:
+    """mlflow, keras and the backend that is installed and active (TensorFlow under
+    whichever distribution name, or JAX), plus `extra`, pinned to their installed versions.
+
+    A model trained on a GPU machine (`tensorflow==...`) serves on a CPU one and the other
+    way round: the plain `tensorflow` wheel runs on the CPU (CUDA comes only with its
+    `and-cuda` extra), and `mlflow models serve --env-manager local` installs nothing.
+    `backend` and `path` default to the active Keras backend and sys.path."""
+    if backend is None:
+        from ecg_mlflow.model.backend import backend_name
+
+        backend = backend_name()
+    return pinned_requirements("mlflow", "keras", *backend_packages(backend, path), *extra, path=path)
 
 
 def log_whole_model(config: TrainConfig, head, image_paths, features, say) -> float:
