@@ -3,8 +3,8 @@ precision, the decode + resize cost of an original, and heads trained on each en
 
     .venv/bin/python benchmarks/engines.py --keras-cache /path/to/feature-cache
 
-1. Speed and exactness: resnet50 and efficientnetv2s (weights=none: the FLOPs are the same as
-   with ImageNet weights) and efficientnetlite0 (weights=imagenet, offline) at 512 x 1024,
+1. Speed and exactness: the three Lite backbones (weights=imagenet, offline), resnet50 and
+   efficientnetv2s (weights=none: the FLOPs are the same as with ImageNet weights) at 512 x 1024,
    batch 8, on real images (../shared/data/ecg-images): Keras fp32, OpenVINO fp32, OpenVINO
    bf16. The first batch of each engine is a warm-up (graph tracing), the others are timed;
    feature differences are over every image, as max abs difference and that over the largest absolute Keras feature.
@@ -35,7 +35,10 @@ import numpy as np
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED = PROJECT_ROOT.parent / "shared" / "data"
 HEIGHT, WIDTH, BATCH = 512, 1024, 8
-SPEED_ARCHS = (("efficientnetlite0", "imagenet"), ("resnet50", "none"), ("efficientnetv2s", "none"))
+SPEED_ARCHS = (("efficientnetlite0", "imagenet"), ("efficientnetlite1", "imagenet"), ("efficientnetlite2", "imagenet"),
+               ("resnet50", "none"), ("efficientnetv2s", "none"))
+"""Every registered backbone; the Lite ones with their offline ImageNet weights, the others
+random (weights=none): Keras cannot download theirs here, and the weights do not change the FLOPs."""
 HEAD_ARCH = "efficientnetlite0"
 COMBOS = (("keras", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"))
 

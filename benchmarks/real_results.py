@@ -1,11 +1,13 @@
 """The study's real results: two offline pretrained backbones on the 928 real reports.
 
 Runs (with --run) one `ecg-mlflow study` per (split, crop): split paper | grouped, crop none |
-grid, 10 seeds per backbone at 512 x 1024, each with its analysis; then writes
+grid, 10 seeds per backbone at 512 x 1024, each with its analysis, and the 5-fold x 2 grouped
+cross-validation of crop none and grid (experiment --cv-experiment); then writes
 docs/results.md from the tracked runs alone (the newest study of each configuration in the
 experiment): leakage, accuracy per configuration, what the file-level split and the printed
-text add, per-class results, the seed-level and test-image-level tests, and the published
-figures beside them (quoted, not rerun).
+text add, per-class results, the seed-level and test-image-level tests, the cross-validated
+comparison and the explanations (text and region shares), and the published figures beside
+them (quoted, not rerun).
 
     .venv/bin/python benchmarks/real_results.py --run            # all four studies, then the doc
     .venv/bin/python benchmarks/real_results.py                  # the doc from the tracked runs
@@ -31,6 +33,8 @@ RESULTS = PROJECT_ROOT / "docs" / "results.md"
 SPLITS = ("grouped", "paper")
 CROPS = ("none", "grid")
 EXPERIMENT = "ecg-cvd-real"
+CV_EXPERIMENT = "ecg-cvd-real-cv"
+CV_FOLDS, CV_REPEATS = 5, 2
 PUBLISHED = (
     ("Chen & Chen (the paper), file-level split, 10 trials", "ResNet-50 94.76%, EfficientNetV2-S 87.73% mean test accuracy"),
     ("the paper's notebook, saved run", "ResNet-50 95.19%"),
@@ -47,19 +51,25 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--weights", default="imagenet")
     parser.add_argument("--image-height", default="512")
     parser.add_argument("--image-width", default="1024")
+    parser.add_argument("--engine", default="keras", help="the engine the tracked studies ran (before OpenVINO was the default)")
     parser.add_argument("--experiment", default=EXPERIMENT)
     parser.add_argument("--workdir", default=str(PROJECT_ROOT / ".bench" / "real"))
-    parser.add_argument("--run", action="store_true", help="run the four studies first (resumable)")
+    parser.add_argument("--cv-experiment", default=CV_EXPERIMENT,
+                        help="experiment of the cross-validated studies (grouped, crop none and grid); '' leaves them out")
+    parser.add_argument("--run", action="store_true", help="run the four fixed-split and two CV studies first (resumable)")
     parser.add_argument("--no-write", action="store_true")
     return parser.parse_args()
 
 
-def study_command(args, split: str, crop: str) -> list[str]:
+def study_command(args, split: str, crop: str, cv: bool = False) -> list[str]:
+    """The fixed-split study of (split, crop), or with `cv` its 5-fold x 2 cross-validation."""
+    grid = ["--cv", str(CV_FOLDS), "--cv-repeats", str(CV_REPEATS)] if cv else ["--seeds", args.seeds]
     return [
-        "ecg-mlflow", "study", "--archs", args.archs, "--seeds", args.seeds, "--data", args.data,
+        "ecg-mlflow", "study", "--archs", args.archs, *grid, "--data", args.data,
         "--weights", args.weights, "--split", split, "--crop", crop,
-        "--image-height", args.image_height, "--image-width", args.image_width,
-        "--cache-dir", str(Path(args.workdir) / "cache"), "--experiment", args.experiment,
+        "--image-height", args.image_height, "--image-width", args.image_width, "--engine", args.engine,
+        "--cache-dir", str(Path(args.workdir) / "cache"),
+        "--experiment", args.cv_experiment if cv else args.experiment,
     ]
 
 
@@ -117,23 +127,34 @@ def main() -> None:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
         os.chdir(workdir)  # the store's artifacts (./mlruns) stay in the workdir
     if args.run:
-        for crop in CROPS:
-            for split in SPLITS:
-                command = study_command(args, split, crop)
-                print(" ".join(command), flush=True)
-                subprocess.run([str(Path(sys.executable).parent / command[0]), *command[1:]], check=True)
-
-    from ecg_mlflow.tracking.search import find_experiment_id
+        commands = [study_command(args, split, crop) for crop in CROPS for split in SPLITS]
+        if args.cv_experiment:
+            commands += [study_command(args, "grouped", crop, cv=True) for crop in CROPS]
+        for command in commands:
+            print(" ".join(command), flush=True)
+            subprocess.run([str(Path(sys.executable).parent / command[0]), *command[1:]], check=True)
 
     client = mlflow.MlflowClient()
-    experiment_id = find_experiment_id(client, args.experiment)
-    studies = newest_studies(client, experiment_id)
-    found = {key: (study, *children_and_analysis(client, experiment_id, study)) for key, study in studies.items()}
-    text = render(args, found)
+    found = tracked_studies(client, args.experiment)
+    cv_found = tracked_studies(client, args.cv_experiment) if args.cv_experiment else {}
+    text = render(args, found) + render_cv(args, client, cv_found, found)
     print(text)
     if not args.no_write:
         RESULTS.write_text(text)
         print(f"wrote {RESULTS}")
+
+
+def tracked_studies(client, experiment: str) -> dict[tuple[str, str], tuple]:
+    """(study, train runs, analysis) of the newest finished study per (split, crop); {} when
+    the experiment does not exist."""
+    from ecg_mlflow.tracking.search import ExperimentNotFound, find_experiment_id
+
+    try:
+        experiment_id = find_experiment_id(client, experiment)
+    except ExperimentNotFound:
+        return {}
+    return {key: (study, *children_and_analysis(client, experiment_id, study))
+            for key, study in newest_studies(client, experiment_id).items()}
 
 
 def summary(archs, acc, found) -> str:
@@ -258,14 +279,15 @@ reports (`../shared/data/ecg-images`, 491 unique images): the paper's file-level
 grouped split that keeps every copy of an image on one side, each with the whole report
 (`crop=none`) and with the trace grid alone (`crop=grid`: the printed header with the exam ID
 and the footer with the heart rate cut away). Every figure below was computed from the runs
-these commands tracked (Keras engine, fp32):
+these commands tracked (engine {args.engine}, fp32):
 
 ```
 {commands}
 .venv/bin/python benchmarks/real_results.py     # this page, from the tracked runs
 ```
 
-(`benchmarks/real_results.py --run` runs the four studies and then writes this page.) The
+(`benchmarks/real_results.py --run` runs the four studies, then the two cross-validated ones
+below, and writes this page.) The
 crop=none studies here trained their heads one seed after another; the crop=grid studies ran
 after the all-seeds trainer landed (`model/seed_heads.py`: the same batches, initialisation and
 dropout masks as `train_head`, curves within 1e-5), and took 20-45 s per run instead of
@@ -313,6 +335,102 @@ rows above; the leaky-vs-grouped difference is the comparable quantity.
 ## The analyses
 
 {chr(10).join(reports)}
+"""
+
+
+def render_cv(args, client, cv_found, found) -> str:
+    """The cross-validated comparison beside the fixed split's, and the explanations of the
+    cross-validated runs (every image explained once per repeat, out of fold)."""
+    if not cv_found:
+        return ""
+    from report import markdown_table
+
+    from analysis.explanations import region_share_frame, text_share_frame
+    from ecg_mlflow import schema
+
+    archs = args.archs.split(",")
+    first, second = archs
+    crops = [c for c in CROPS if ("grouped", c) in cv_found]
+    rows, words, runs = [], [], []
+    for crop in crops:
+        _, children, analysis = cv_found[("grouped", crop)]
+        runs += children
+        acc = by_arch(children, "test_accuracy")
+        metrics = analysis.data.metrics if analysis else {}
+        cv = lambda name: metrics.get(schema.cv_metric("accuracy", name), float("nan"))  # noqa: E731
+        fixed = found.get(("grouped", crop))
+        fixed_acc = by_arch(fixed[1], "test_accuracy") if fixed else {}
+        fixed_p = (fixed[2].data.metrics.get(schema.stat_metric("accuracy", schema.STAT_P_BONFERRONI), float("nan"))
+                   if fixed and fixed[2] else float("nan"))
+        fixed_cell = (f"{fixed_acc[first].mean():.3f} / {fixed_acc[second].mean():.3f}, p {fixed_p:.3g}"
+                      if fixed_acc else "not run")
+        rows.append([crop, len(acc[first]), mean_sd(acc[first]), mean_sd(acc[second]),
+                     f"{cv(schema.CV_OOF_FIRST):.3f}", f"{cv(schema.CV_OOF_SECOND):.3f}",
+                     f"{cv(schema.CV_DIFF_MEAN):+.4f}", f"[{cv(schema.CV_CI_LOW):+.4f}, {cv(schema.CV_CI_HIGH):+.4f}]",
+                     f"{cv(schema.CV_T_CORRECTED):.2f}", f"{cv(schema.CV_P_CORRECTED_BONFERRONI):.3g}",
+                     f"{cv(schema.CV_P_UNCORRECTED):.3g}", fixed_cell])
+        verdict = "differ" if cv(schema.CV_P_CORRECTED_BONFERRONI) < 0.05 else "do not differ"
+        naive = "would" if cv(schema.CV_P_UNCORRECTED) < 0.05 else "would not"
+        words.append(
+            f"- **crop {crop}:** with every image tested once per repeat, the pooled out-of-fold accuracy is "
+            f"{cv(schema.CV_OOF_FIRST):.3f} ({first}) against {cv(schema.CV_OOF_SECOND):.3f} ({second}); by the "
+            f"corrected resampled t-test the backbones {verdict} (Bonferroni p = "
+            f"{cv(schema.CV_P_CORRECTED_BONFERRONI):.3g}); the naive t-test over the same folds {naive} call it "
+            f"significant (p = {cv(schema.CV_P_UNCORRECTED):.3g}). The fixed grouped split, one test set, had "
+            + (f"{fixed_acc[first].mean():.3f} against {fixed_acc[second].mean():.3f} (Bonferroni p = {fixed_p:.3g})."
+               if fixed_acc else "not been run."))
+    shares = text_share_frame(runs)
+    regions = region_share_frame(client, runs)
+    text_rows = [[r["arch"], r["crop"], int(r["runs"]), *(f"{r[m]:.3f}" for m in schema.TEXT_SHARE_METRICS)]
+                 for _, r in shares.iterrows()]
+    top_rows = []
+    if not regions.empty:
+        region_columns = [c for c in regions.columns if c not in ("arch", "crop", "split", schema.COL_TRUE)]
+        for cls in schema.CLASSES:
+            for crop in crops:
+                row = [cls, crop]
+                for arch in archs:
+                    match = regions[(regions["arch"] == arch) & (regions["crop"] == crop) & (regions[schema.COL_TRUE] == cls)]
+                    if match.empty:
+                        row.append("-")
+                        continue
+                    values = match.iloc[0][region_columns].astype(float).sort_values(ascending=False)
+                    row.append(", ".join(f"{name} {value:.2f}" for name, value in values.head(4).items()))
+                top_rows.append(row)
+    commands = "\n".join(display(study_command(args, "grouped", c, cv=True)) for c in crops)
+    return f"""
+## Cross-validated: every image tested ({CV_FOLDS}-fold grouped, {CV_REPEATS} repeats)
+
+The fixed split tests the backbones on one draw of test images; here each repeat splits the
+928 reports (every copy and near copy of an image in one fold, stratified by class) into
+{CV_FOLDS} folds, trains on four (early stopping on a validation part drawn from those four) and tests
+on the fifth, so every image is tested once per repeat. The seed of each (repeat, fold) cell is
+fixed by the design, not by `--seeds`. The difference is tested with the corrected resampled
+t-test (Nadeau & Bengio; the folds' training sets overlap, which the naive t-test ignores),
+Bonferroni over 4 metrics; the out-of-fold accuracy pools every fold's test predictions.
+
+```
+{commands}
+```
+
+{markdown_table(["crop", "runs per backbone", f"{first} fold accuracy", f"{second} fold accuracy", f"{first} out-of-fold", f"{second} out-of-fold", "mean diff", "CI (Bonferroni level)", "t corrected", "p corrected, Bonf.", "p naive", "fixed grouped split: accuracy, p Bonf."], rows)}
+
+{chr(10).join(words)}
+
+## Explanations: what the models looked at (cross-validated runs, out of fold)
+
+Grad-CAM of the predicted class on the backbone's last convolution, summed over the regions of
+the report's fixed template (12 lead panels, rhythm strip, header and footer text; see
+docs/explanations.md for what the method shows and what it does not), for every test image of
+every run above. Text share: the share of the positive attribution that falls on the printed
+header and footer, mean over runs, overall and by true class.
+
+{markdown_table(["backbone", "crop", "runs", *schema.TEXT_SHARE_METRICS], text_rows)}
+
+The four regions with the largest share of the positive attribution, by true class (mean over
+images and runs):
+
+{markdown_table(["true class", "crop", *archs], top_rows)}
 """
 
 

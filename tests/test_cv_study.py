@@ -263,8 +263,11 @@ def test_the_study_key_holds_the_design_and_a_fixed_split_keeps_its_old_key():
     from ecg_mlflow.config import TrainConfig, head_config_digest
     from ecg_mlflow.study import study_key
 
-    config = TrainConfig()
-    params = {k: v for k, v in config.as_params().items() if k not in schema.STUDY_KEY_EXEMPT_PARAMS}
+    # Keras fp32: what every study computed with before engines existed, so the key of before
+    # CV and engines, whose params had no engine or precision
+    config = TrainConfig(engine="keras", precision="fp32")
+    params = {k: v for k, v in config.as_params().items()
+              if k not in schema.STUDY_KEY_EXEMPT_PARAMS and k not in ("engine", "precision")}
     params["head_config"] = head_config_digest(config)
     blob = json.dumps({"archs": list(ARCHS), "params": params, "data": "d"}, sort_keys=True)
     assert study_key(ARCHS, config, "d") == hashlib.sha256(blob.encode()).hexdigest()[:24]  # as before CV
