@@ -182,6 +182,29 @@ print(backend_name(), device_kind(), same, 'tensorflow' in sys.modules, os.envir
     assert XLA_DETERMINISM_FLAG in flags
 
 
+@needs_jax
+def test_under_jax_the_default_engine_is_keras_and_openvino_is_refused_saying_why(tmp_path):
+    """OpenVINO converts Keras models through TensorFlow: under KERAS_BACKEND=jax the CLI's
+    default is engine=keras, and an explicit engine=openvino is one ConfigError naming engine."""
+    code = """
+from ecg_mlflow.config import DEFAULT_ENGINE, ConfigError, resolve_train_config
+print(DEFAULT_ENGINE)
+try:
+    resolve_train_config(arch="mobilenetv3large", weights="none", engine="openvino")
+except ConfigError as exc:
+    print(exc)
+"""
+    done = run_python(code, "jax", tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    default, refusal = done.stdout.strip().split("\n", 1)
+    assert default == "keras"
+    assert refusal.startswith("engine: engine=openvino precision=fp32 cannot run on this host")
+    if importlib.util.find_spec("openvino") is not None:
+        assert "the Keras backend is jax" in refusal
+    else:
+        assert "openvino is not importable" in refusal
+
+
 SAVE_MODEL = """
 import numpy as np, keras
 from ecg_mlflow.config import parse_train_config
