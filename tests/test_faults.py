@@ -42,9 +42,11 @@ def cache_entries(cache: Path) -> dict[Path, FeatureCache]:
     found = {}
     for meta in cache.glob("*/*/key.json"):
         fields = json.loads(meta.read_text())
-        # key.json holds the weights' identity; every study here uses weights=none
-        cache_obj = FeatureCache(cache, FeatureKey(fields["arch"], "none", fields["height"],
-                                                   fields["width"], fields["crop"]))
+        # key.json holds the weights' identity; every study here uses weights=none. Engine and
+        # precision appear only where they are not Keras fp32 (the key from before engines).
+        cache_obj = FeatureCache(cache, FeatureKey(fields["arch"], "none", fields["height"], fields["width"],
+                                                   fields["crop"], fields.get("engine", "keras"),
+                                                   fields.get("precision", "fp32")))
         assert cache_obj.folder == meta.parent, "key.json does not match its folder"
         found.update({entry: cache_obj for entry in meta.parent.glob("*/*.f32")})
     return found

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from ecg_mlflow import schema
 from ecg_mlflow.cli import main
-from ecg_mlflow.config import parse_train_config
+from ecg_mlflow.config import DEFAULT_ENGINE, parse_train_config
 from ecg_mlflow.model.features import FeatureCache, FeatureKey
 from ecg_mlflow.data.preprocess import load_pixels
 from ecg_mlflow.synth.reports import write_synthetic_dataset
@@ -248,7 +248,8 @@ def test_sigterm_ends_the_run_killed_and_leaves_the_cache_sound(demo_set, tracki
     assert process.wait(timeout=120) == 130
     run = _runs()[0]
     assert run.info.status == "KILLED"
-    key = FeatureKey("resnet50", "none", 256, 512, "none")
+    key = parse_train_config(arch="resnet50", weights="none", image_height="256", image_width="512").feature_key()
+    assert key.engine == DEFAULT_ENGINE  # the command's default engine, whose entries these are
     cache = FeatureCache(cache_dir, key)
     entries = list(cache.folder.rglob("*.f32"))
     assert entries and all(cache.load(p.stem) is not None for p in entries)
