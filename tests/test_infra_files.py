@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import tomllib
 import shlex
 import subprocess
 import sys
@@ -320,7 +321,11 @@ def test_k8s_dockerfile_installs_the_project():
     for path in ("pyproject.toml", "ecg_mlflow", "analysis"):
         assert re.search(rf"^COPY .*\b{path}\b", dockerfile, re.M), path
         assert (PROJECT_ROOT / path).exists()
-    assert "pip install ." in dockerfile
+    # the project with a Keras backend: TensorFlow comes only with an extra
+    install = re.search(r"^RUN pip install '?\.\[([a-z,-]+)\]'?", dockerfile, re.M)
+    assert install and "cpu" in install.group(1).split(","), "the image must install the `cpu` extra (TensorFlow)"
+    extras = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("tensorflow") for req in extras["cpu"])
     assert re.search(r"^USER (?!root)", dockerfile, re.M)
 
 
