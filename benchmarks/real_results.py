@@ -80,13 +80,16 @@ def display(command: list[str]) -> str:
     return " ".join(shown[:cache] + shown[cache + 2:])
 
 
-def newest_studies(client, experiment_id: str) -> dict[tuple[str, str], object]:
-    """The newest FINISHED study run per (split, crop)."""
+def newest_studies(client, experiment_id: str, engine: str) -> dict[tuple[str, str], object]:
+    """The newest FINISHED study run of `engine` per (split, crop); a study from before
+    engines existed (no `engine` param) ran Keras."""
     from ecg_mlflow import schema
     from ecg_mlflow.tracking.search import role_filter, search_all_runs
 
     found: dict[tuple[str, str], object] = {}
     for run in search_all_runs(client, experiment_id, role_filter(schema.ROLE_STUDY, finished=True)):
+        if run.data.params.get(schema.PARAM_ENGINE, "keras") != engine:
+            continue
         key = (run.data.params.get("split"), run.data.params.get("crop"))
         if key not in found or run.info.start_time > found[key].info.start_time:
             found[key] = run
@@ -135,16 +138,16 @@ def main() -> None:
             subprocess.run([str(Path(sys.executable).parent / command[0]), *command[1:]], check=True)
 
     client = mlflow.MlflowClient()
-    found = tracked_studies(client, args.experiment)
-    cv_found = tracked_studies(client, args.cv_experiment) if args.cv_experiment else {}
-    text = render(args, found) + render_cv(args, client, cv_found, found)
+    found = tracked_studies(client, args.experiment, args.engine)
+    cv_found = tracked_studies(client, args.cv_experiment, args.engine) if args.cv_experiment else {}
+    text = render(args, found, render_cv(args, client, cv_found, found))
     print(text)
     if not args.no_write:
         RESULTS.write_text(text)
         print(f"wrote {RESULTS}")
 
 
-def tracked_studies(client, experiment: str) -> dict[tuple[str, str], tuple]:
+def tracked_studies(client, experiment: str, engine: str) -> dict[tuple[str, str], tuple]:
     """(study, train runs, analysis) of the newest finished study per (split, crop); {} when
     the experiment does not exist."""
     from ecg_mlflow.tracking.search import ExperimentNotFound, find_experiment_id
@@ -154,7 +157,7 @@ def tracked_studies(client, experiment: str) -> dict[tuple[str, str], tuple]:
     except ExperimentNotFound:
         return {}
     return {key: (study, *children_and_analysis(client, experiment_id, study))
-            for key, study in newest_studies(client, experiment_id).items()}
+            for key, study in newest_studies(client, experiment_id, engine).items()}
 
 
 def summary(archs, acc, found) -> str:
@@ -192,7 +195,8 @@ def summary(archs, acc, found) -> str:
     return "\n".join(lines)
 
 
-def render(args, found) -> str:
+def render(args, found, cross_validated: str = "") -> str:
+    """The page; `cross_validated` (render_cv) goes before the published figures."""
     from report import markdown_table
 
     from ecg_mlflow import schema
@@ -323,6 +327,7 @@ would survive another draw of test images.
 
 {markdown_table(["split", "crop", "mean diff", "98.75% CI", "p Bonf.", "p Wilcoxon", "bootstrap CI", "p boot", "p McNemar", "winner tag"], test_rows)}
 
+{cross_validated}
 ## Published figures, for comparison (from elsewhere, not rerun here)
 
 {published}
@@ -347,6 +352,9 @@ def render_cv(args, client, cv_found, found) -> str:
 
     from analysis.explanations import region_share_frame, text_share_frame
     from ecg_mlflow import schema
+    from ecg_mlflow.model.regions import REGIONS
+
+    names = {region.slug: region.name for region in REGIONS}
 
     archs = args.archs.split(",")
     first, second = archs
@@ -395,7 +403,7 @@ def render_cv(args, client, cv_found, found) -> str:
                         row.append("-")
                         continue
                     values = match.iloc[0][region_columns].astype(float).sort_values(ascending=False)
-                    row.append(", ".join(f"{name} {value:.2f}" for name, value in values.head(4).items()))
+                    row.append(", ".join(f"{names.get(slug, slug)} {value:.2f}" for slug, value in values.head(4).items()))
                 top_rows.append(row)
     commands = "\n".join(display(study_command(args, "grouped", c, cv=True)) for c in crops)
     return f"""
@@ -428,9 +436,13 @@ header and footer, mean over runs, overall and by true class.
 {markdown_table(["backbone", "crop", "runs", *schema.TEXT_SHARE_METRICS], text_rows)}
 
 The four regions with the largest share of the positive attribution, by true class (mean over
-images and runs):
+images and runs). Shares grow with a region's area: the rhythm strip covers a quarter of the
+grid, about five lead panels' worth.
 
 {markdown_table(["true class", "crop", *archs], top_rows)}
+
+What these shares say about the leads, and what they cannot: docs/explanations.md, "On the real
+data".
 """
 
 
