@@ -20,7 +20,7 @@ from ecg_mlflow.data.classes import CLASSES
 from ecg_mlflow.cli import main
 from ecg_mlflow.data.decode import max_source_pixels
 from ecg_mlflow.data.preprocess import load_pixels
-from ecg_mlflow.serving.pyfunc import EXPLAIN_COLUMNS, IMAGE_COLUMN, KERAS_ARTIFACT, OUTPUT_COLUMNS, BadImageRows, MissingImageColumn, Preprocessing, TooManyRows
+from ecg_mlflow.serving.pyfunc import EXPLAIN_COLUMNS, IMAGE_COLUMN, decode_rows, KERAS_ARTIFACT, OUTPUT_COLUMNS, BadImageRows, MissingImageColumn, Preprocessing, TooManyRows
 from ecg_mlflow.serving.packaging import SERVED_MODULES, preprocessing_of_run, MODEL_SCRIPT, keras_file_of_run, log_serving_model, serving_signature
 
 from serving_fixtures import (
@@ -194,8 +194,14 @@ def test_png_rgba_and_grayscale_inputs_are_served(served, originals):
     for i, mode in enumerate(("RGBA", "L")):
         assert frame["label"][2 * i] == frame["label"][2 * i + 1], mode
         np.testing.assert_allclose(probs[2 * i], probs[2 * i + 1], atol=1e-6, err_msg=mode)
-    # and the two modes are really different inputs (a constant model would pass the above)
-    assert np.abs(probs[0] - probs[2]).max() > 1e-6
+    # and what the model sees: RGBA decoded as its RGB content, grayscale as that gray in RGB,
+    # bit for bit, and the two modes really different inputs (a near-constant tiny model would
+    # pass the probability checks above on any input)
+    prep = served["model"].unwrap_python_model().preprocessing
+    pixels = decode_rows([image for pair in pairs for image in pair], prep)
+    np.testing.assert_array_equal(pixels[0], pixels[1])
+    np.testing.assert_array_equal(pixels[2], pixels[3])
+    assert np.abs(pixels[0].astype(np.float64) - pixels[2]).max() > 10
 
 
 def test_preprocessing_is_parsed_from_run_params_with_clear_errors():
