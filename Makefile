@@ -20,6 +20,9 @@ DEMO_ARCHS ?= efficientnetlite0,efficientnetlite1
 DEMO_SIZE ?= -P image_height=128 -P image_width=256
 DEMO_CACHE ?= .cache/features
 PYTEST_ARGS ?=
+# Two pytest-xdist workers: most tests wait on servers and subprocesses, so two share the
+# two cores well (tests/conftest.py keeps each module, and the team server's users, on one).
+TEST_WORKERS ?= 2
 EXTRAS ?= cpu,test
 # The JAX lane: its own venv with both backends (the cross-backend tests load under one what
 # the other saved), KERAS_BACKEND=jax for every test and every process they start.
@@ -59,7 +62,7 @@ demo: setup
 	@echo "Ask it about an image:   $(BIN)/ecg-mlflow predict --url http://127.0.0.1:5001 \"$(DEMO_DATA)/Normal Person ECG Images (284x12=3408)/Normal(1).jpg\""
 
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

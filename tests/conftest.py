@@ -61,16 +61,26 @@ SLOW_FIXTURES = {
 """Module fixtures that train models (module -> fixture)."""
 
 
+TEAM_GROUP = "team-server"
+
+
 def pytest_collection_modifyitems(config, items):
     """A test that uses a team server or a training module fixture is `slow` (and `infra` for
-    the servers), so the fast lane (`-m "not slow"`) never starts one by accident."""
+    the servers), so the fast lane (`-m "not slow"`) never starts one by accident.
+
+    For `make test`'s two workers (pytest-xdist, `--dist loadgroup`) every test is grouped
+    by its module, so a module fixture (a trained model, a served one) is built once; the
+    users of the shared team server form one group, so it starts, and the team study runs,
+    on one worker only."""
     for item in items:
         uses = set(item.fixturenames)
-        if uses & set(INFRA_FIXTURES):
+        team = bool(uses & set(INFRA_FIXTURES))
+        if team:
             item.add_marker(pytest.mark.infra)
             item.add_marker(pytest.mark.slow)
         if SLOW_FIXTURES.get(item.path.name) in uses:
             item.add_marker(pytest.mark.slow)
+        item.add_marker(pytest.mark.xdist_group(TEAM_GROUP if team else item.path.name))
 
 
 _MLFLOW_CONTEXT_VARS = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
