@@ -51,6 +51,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-height", default="512")
     parser.add_argument("--image-width", default="1024")
     parser.add_argument("--arch", default="mobilenetv3large")
+    parser.add_argument("--engine", default="keras",
+                        help="the backbone engine of both servers (the old code serves Keras only)")
     parser.add_argument("--old-ref", default="d00660b", help="git ref of the decoding before issue 14")
     parser.add_argument("--no-doc", action="store_true")
     return parser.parse_args()
@@ -276,7 +278,7 @@ def main() -> None:
         exp = mlflow.create_experiment("hardening-benchmark", artifact_location=(root / "artifacts").as_uri())
         mlflow.set_experiment(experiment_id=exp)
         print(f"training a tiny {args.arch} at {args.image_height}x{args.image_width} ...", flush=True)
-        source = train_tiny_model(root, args)
+        source = train_tiny_model(root, args, args.engine)
         with mlflow.start_run(run_name="new-decode-model"):
             new_uri = log_serving_model(source).model_uri
         old_uri = log_old_model(old_package(root, args.old_ref), source, uri, exp)
