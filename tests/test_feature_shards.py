@@ -72,6 +72,28 @@ def test_two_shards_pass_each_unique_image_once_then_everything_is_cached(synthe
     assert (everything["computed"], everything["cached"]) == (0, len(unique))
 
 
+def test_the_features_command_fills_what_a_train_run_of_its_engine_reads(synthetic, tmp_path):
+    """`--engine keras` (not the default): the entries land under train's key for that engine,
+    features and region maps both, so such a run passes no image; the default engine's key
+    stays empty."""
+    from ecg_mlflow.config import DEFAULT_ENGINE, parse_train_config
+    from ecg_mlflow.model.features import FeatureCache
+    from ecg_mlflow.model.region_cache import extract_features_and_region_maps
+
+    result = CliRunner().invoke(main, ["features", "--data", str(synthetic), "--cache-dir", str(tmp_path),
+                                       "--engine", "keras", *TINY])
+    assert result.exit_code == 0, result.output
+    unique = unique_contents(synthetic)
+    assert REPORT.search(result.output).group(5) == str(len(unique))
+    tiny = dict(zip((k.lstrip("-").replace("-", "_") for k in TINY[::2]), TINY[1::2]))
+    key = parse_train_config(**tiny, engine="keras").feature_key()
+    _, region_maps, stats = extract_features_and_region_maps(unique, key, tmp_path)
+    assert (stats.misses, stats.hits, len(region_maps)) == (0, len(unique), len(unique))
+    assert DEFAULT_ENGINE != "keras"
+    default = FeatureCache(tmp_path, parse_train_config(**tiny).feature_key())
+    assert not any(default.has_entry(sha) for sha in unique)
+
+
 def test_shards_are_stable_and_cover_every_content_once():
     shas = [sha256_hex(str(k).encode()) for k in range(1000)]
     for count in (1, 2, 7):

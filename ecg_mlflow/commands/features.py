@@ -15,7 +15,7 @@ from ecg_mlflow.model.backbones import BACKBONES
 from ecg_mlflow.commands.options import TRAIN_OPTIONS, parse_or_exit, reported_errors, stop_on_sigterm
 from ecg_mlflow.config import ConfigError, parse_shard
 
-FEATURE_OPTIONS = ("data", "weights", "image_height", "image_width", "crop", "cache_dir")
+FEATURE_OPTIONS = ("data", "weights", "image_height", "image_width", "crop", "cache_dir", "engine", "precision")
 """The training options that change which features are computed, or where they go."""
 
 

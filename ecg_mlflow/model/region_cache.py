@@ -29,7 +29,7 @@ from ecg_mlflow.model.backbones import get_spec
 from ecg_mlflow.model.cache_store import open_store
 from ecg_mlflow.model.engines import extractor_runner
 from ecg_mlflow.model.features import (
-    _CHECKSUM_BYTES, KEY_FILE, CacheStats, FeatureCache, FeatureKey, _pad_batch, decoded_batches,
+    _CHECKSUM_BYTES, KEY_FILE, LOAD_CHUNK, CacheStats, FeatureCache, FeatureKey, _pad_batch, decoded_batches,
 )
 
 _SHAPE_VALUES = 3  # a full-map entry starts with its (h, w, k)
@@ -46,10 +46,6 @@ class RegionMapCache(FeatureCache):
         if not self.backend.exists(KEY_FILE):
             fields = {**key.fields(), **regions.template_fields()}
             self.backend.write(KEY_FILE, json.dumps(fields, indent=2, sort_keys=True).encode())
-
-    def load_maps(self, sha256: str) -> np.ndarray | None:
-        found = self.load(sha256)
-        return None if found is None else found.reshape(len(regions.REGIONS), -1)
 
 
 class FullMapCache(FeatureCache):
@@ -112,15 +108,19 @@ def extract_features_and_region_maps(
     region_maps: dict[str, np.ndarray] = {}
     missing: list[str] = []
     damaged = 0
-    for sha in sorted(paths_by_sha):
-        vector, pooled = features_cache.load(sha), maps_cache.load_maps(sha)
-        if vector is not None:
-            features[sha] = vector
-        if pooled is not None:
-            region_maps[sha] = pooled
-        if vector is None or pooled is None:
-            damaged += vector is None and features_cache.has_entry(sha)
-            missing.append(sha)
+    shas = sorted(paths_by_sha)
+    for first in range(0, len(shas), LOAD_CHUNK):  # chunked, as extract_features reads (S3: concurrently)
+        chunk = shas[first : first + LOAD_CHUNK]
+        for sha, feature_blob, maps_blob in zip(chunk, features_cache.read_entries(chunk),
+                                                maps_cache.read_entries(chunk)):
+            vector, pooled = features_cache.decode(feature_blob), maps_cache.decode(maps_blob)
+            if vector is not None:
+                features[sha] = vector
+            if pooled is not None:
+                region_maps[sha] = pooled.reshape(len(regions.REGIONS), -1)
+            if vector is None or pooled is None:
+                damaged += vector is None and feature_blob is not None
+                missing.append(sha)
     if missing:
         model = build_maps_model() if build_maps_model is not None else shared_maps_model(key)
         for sha, maps, vector in run_maps_pass(model, missing, paths_by_sha, key, progress):
