@@ -48,26 +48,6 @@ def study_command(args, engine: str) -> list[str]:
             "--cache-dir", args.cache_dir, "--experiment", args.experiment]
 
 
-def newest_study(client, experiment_id: str, engine: str):
-    """The newest FINISHED grouped / crop none study of `engine` (no param: Keras, from before engines)."""
-    from ecg_mlflow import schema
-    from ecg_mlflow.tracking.search import role_filter, search_all_runs
-
-    studies = [r for r in search_all_runs(client, experiment_id, role_filter(schema.ROLE_STUDY, finished=True))
-               if r.data.params.get("split") == "grouped" and r.data.params.get("crop") == "none"
-               and r.data.params.get(schema.PARAM_ENGINE, "keras") == engine
-               and r.data.params.get("cv", "0") == "0"]
-    return max(studies, key=lambda r: r.info.start_time) if studies else None
-
-
-def of_study(client, experiment_id: str, study, role: str) -> list:
-    from ecg_mlflow import schema
-    from ecg_mlflow.tracking.search import filter_quote, role_filter, search_all_runs
-
-    return search_all_runs(client, experiment_id, role_filter(role, finished=True) +
-                           f" and tags.`{schema.TAG_STUDY}` = {filter_quote(study.info.run_id)}")
-
-
 def accuracy_by_pair(children) -> dict[tuple[str, int], float]:
     return {(r.data.params["arch"], int(r.data.params["seed"])): r.data.metrics["test_accuracy"] for r in children}
 
@@ -83,21 +63,18 @@ def main() -> None:
     import mlflow
     from scipy import stats
 
+    from real_results import tracked_studies
     from report import machine, markdown_table, write_section
 
     from ecg_mlflow import schema
-    from ecg_mlflow.tracking.search import find_experiment_id
 
     client = mlflow.MlflowClient()
-    experiment_id = find_experiment_id(client, args.experiment)
     found = {}
     for engine in (BASELINE, CANDIDATE):
-        study = newest_study(client, experiment_id, engine)
-        if study is None:
+        studies = tracked_studies(client, args.experiment, engine)
+        if ("grouped", "none") not in studies:
             sys.exit(f"no finished grouped / crop none study with engine {engine} in {args.experiment}")
-        analyses = of_study(client, experiment_id, study, schema.ROLE_ANALYSIS)
-        found[engine] = (study, of_study(client, experiment_id, study, schema.ROLE_TRAIN),
-                         max(analyses, key=lambda r: r.info.start_time) if analyses else None)
+        found[engine] = studies[("grouped", "none")]
     base, cand = (accuracy_by_pair(found[e][1]) for e in (BASELINE, CANDIDATE))
     pairs = sorted(set(base) & set(cand))
     diffs = np.array([cand[p] - base[p] for p in pairs])

@@ -80,15 +80,17 @@ def display(command: list[str]) -> str:
     return " ".join(shown[:cache] + shown[cache + 2:])
 
 
-def newest_studies(client, experiment_id: str, engine: str) -> dict[tuple[str, str], object]:
-    """The newest FINISHED study run of `engine` per (split, crop); a study from before
-    engines existed (no `engine` param) ran Keras."""
+def newest_studies(client, experiment_id: str, engine: str, cross_validated: bool = False) -> dict[tuple[str, str], object]:
+    """The newest FINISHED study run of `engine` per (split, crop), fixed-split or
+    cross-validated; a study from before engines existed (no `engine` param) ran Keras."""
     from ecg_mlflow import schema
     from ecg_mlflow.tracking.search import role_filter, search_all_runs
 
     found: dict[tuple[str, str], object] = {}
     for run in search_all_runs(client, experiment_id, role_filter(schema.ROLE_STUDY, finished=True)):
         if run.data.params.get(schema.PARAM_ENGINE, "keras") != engine:
+            continue
+        if (run.data.params.get(schema.PARAM_CV, "0") != "0") != cross_validated:
             continue
         key = (run.data.params.get("split"), run.data.params.get("crop"))
         if key not in found or run.info.start_time > found[key].info.start_time:
@@ -139,7 +141,7 @@ def main() -> None:
 
     client = mlflow.MlflowClient()
     found = tracked_studies(client, args.experiment, args.engine)
-    cv_found = tracked_studies(client, args.cv_experiment, args.engine) if args.cv_experiment else {}
+    cv_found = tracked_studies(client, args.cv_experiment, args.engine, cross_validated=True) if args.cv_experiment else {}
     text = render(args, found, render_cv(args, client, cv_found, found))
     print(text)
     if not args.no_write:
@@ -147,7 +149,7 @@ def main() -> None:
         print(f"wrote {RESULTS}")
 
 
-def tracked_studies(client, experiment: str, engine: str) -> dict[tuple[str, str], tuple]:
+def tracked_studies(client, experiment: str, engine: str, cross_validated: bool = False) -> dict[tuple[str, str], tuple]:
     """(study, train runs, analysis) of the newest finished study per (split, crop); {} when
     the experiment does not exist."""
     from ecg_mlflow.tracking.search import ExperimentNotFound, find_experiment_id
@@ -157,7 +159,7 @@ def tracked_studies(client, experiment: str, engine: str) -> dict[tuple[str, str
     except ExperimentNotFound:
         return {}
     return {key: (study, *children_and_analysis(client, experiment_id, study))
-            for key, study in newest_studies(client, experiment_id, engine).items()}
+            for key, study in newest_studies(client, experiment_id, engine, cross_validated).items()}
 
 
 def summary(archs, acc, found) -> str:
