@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ecg_mlflow.model.engines import PRECISIONS as ENGINE_PRECISIONS
+
 DEFAULT_BACKEND = "tensorflow"
 """Keras' own default when neither KERAS_BACKEND nor keras.json names one."""
 BACKEND_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch", "numpy": "numpy"}
@@ -33,8 +35,8 @@ INSTALL_HINT = (
 XLA_DETERMINISM_FLAG = "--xla_gpu_deterministic_ops=true"
 """XLA's switch to deterministic GPU kernels (scatter, reductions); read when JAX starts its
 GPU backend. XLA on the CPU is deterministic already."""
-PRECISIONS = ("fp32", "bf16")
-"""Values of the `precision` parameter (DESIGN.md)."""
+PRECISIONS = ENGINE_PRECISIONS
+"""Values of the `precision` parameter: the engines' (one list for both)."""
 DTYPE_POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16"}
 """Keras dtype policy per precision: bf16 computes in bfloat16 and keeps float32 variables."""
 
