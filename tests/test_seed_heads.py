@@ -103,12 +103,20 @@ def test_each_seed_stops_at_its_own_epoch_with_its_own_best_weights():
     y_all = np.concatenate([y, np.random.default_rng(0).permutation(np.roll(y[good.val], 1, axis=1))])
     bad = SeedRows(2, good.train, noisy_val)
     epochs: dict[int, list[int]] = {1: [], 2: []}
-    result = train_seed_heads(x_all, y_all, [good, bad], config,
-                              on_epoch_end=lambda seed, epoch, logs: epochs[seed].append(epoch))
+    reports: list[int] = []
+
+    def on_epoch_end(epoch, logs_by_seed):
+        reports.append(epoch)
+        for seed, logs in logs_by_seed.items():
+            epochs[seed].append(epoch)
+            assert set(logs) == set(CURVES)
+
+    result = train_seed_heads(x_all, y_all, [good, bad], config, on_epoch_end=on_epoch_end)
     stopped = {seed: history.stopped_epoch for seed, (_, history) in result.items()}
     assert stopped[2] < stopped[1]
+    assert reports == list(range(1, max(stopped.values()) + 1))  # one report per epoch of the trial
     for seed, (head, history) in result.items():
-        assert epochs[seed] == list(range(1, history.stopped_epoch + 1))
+        assert epochs[seed] == list(range(1, history.stopped_epoch + 1))  # a stopped seed reports no more
         assert history.best_epoch == int(np.argmin(history.val_loss)) + 1
         if history.stopped_epoch < config.max_epochs:
             assert history.stopped_epoch == history.best_epoch + config.patience

@@ -238,8 +238,9 @@ def test_pruning_propagates_out_of_keras_and_leaves_no_run_half_logged(tracking_
     assert run.data.tags[schema.TAG_TUNE_STATE] == schema.TUNE_STATE_PRUNED
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert run.data.metrics["pruned"] == 1 and run.data.metrics["pruned_epoch"] == 3
-    assert run.data.metrics["pruned_seed"] == 1
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "seed1/val_loss")] == [1, 2, 3]
+    assert run.data.metrics["pruned_value"] == pytest.approx(trial.intermediate_values[3])
+    for seed in (1, 2):  # the seeds train together: pruning at epoch 3 stops both there
+        assert [m.step for m in client.get_metric_history(run.info.run_id, f"seed{seed}/val_loss")] == [1, 2, 3]
     assert "val_loss" not in run.data.metrics  # no objective for a trial that did not finish
 
 
@@ -263,6 +264,34 @@ def test_seeds_are_scored_on_their_own_validation_draws_and_averaged(synthetic, 
     score = tune_objective.score_head(trial, HeadConfig(dense_units=(16,), max_epochs=3, patience=2), rows)
     assert score.value == pytest.approx(np.mean(list(score.val_loss.values())))
     assert set(score.val_loss) == {1, 2}
+
+
+def test_a_trial_reports_the_mean_best_validation_loss_so_far_and_ends_on_its_objective():
+    """Seeds train together: each seed's score is the head train_head gives it alone, and
+    the value reported per epoch is the mean over seeds of the best validation loss so far,
+    which at the last epoch is the trial's objective."""
+    import optuna
+
+    from ecg_mlflow.model.head import train_head
+    from ecg_mlflow.model.seed_heads import CURVE_TOLERANCE
+
+    data = [blob_seed_data(1), blob_seed_data(2), blob_seed_data(3)]
+    config = HeadConfig(dense_units=(16,), max_epochs=12, patience=2, learning_rate=3e-3)
+    study = optuna.create_study()
+    trial = study.ask()
+    score = tune_objective.score_head(trial, config, data)
+    study.tell(trial, score.value)
+    alone = {d.seed: train_head(d.x_train, d.y_train, d.x_val, d.y_val, config, d.seed)[1] for d in data}
+    for seed, history in alone.items():
+        assert score.stopped_epoch[seed] == history.stopped_epoch
+        assert score.val_loss[seed] == pytest.approx(min(history.val_loss), abs=CURVE_TOLERANCE)
+    reported = study.trials[0].intermediate_values
+    last = max(h.stopped_epoch for h in alone.values())
+    assert sorted(reported) == list(range(1, last + 1))
+    for epoch, value in reported.items():
+        expected = np.mean([min(h.val_loss[:epoch]) for h in alone.values()])
+        assert value == pytest.approx(expected, abs=CURVE_TOLERANCE)
+    assert reported[last] == pytest.approx(score.value)
 
 
 # --- the command, SQLite, one worker at a time ---------------------------------------

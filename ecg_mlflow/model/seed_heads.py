@@ -48,8 +48,10 @@ INT32_SEED_MODULUS = 2**31 - 2  # Keras' _cast_seed: floormod(seed, int32.max - 
 CURVE_TOLERANCE = 1e-5
 """Absolute agreement of a seed's curves with train_head's over the first epochs."""
 
-SeedEpochHook = Callable[[int, int, dict[str, float]], None]
-"""on_epoch_end(seed, epoch, logs) with 1-based epochs, once per seed that trained it."""
+EpochHook = Callable[[int, dict[int, dict[str, float]]], None]
+"""on_epoch_end(epoch, logs by seed) with 1-based epochs, once per epoch, after every seed
+that trained it (those alone are in the dict): what Optuna's pruning needs, one report
+per epoch of the whole trial."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ def train_seed_heads(
     seeds: Sequence[SeedRows],
     config: HeadConfig,
     *,
-    on_epoch_end: SeedEpochHook | None = None,
+    on_epoch_end: EpochHook | None = None,
     shuffle: bool = True,
 ) -> dict[int, tuple[object, HeadHistory]]:
     """Fit one head per seed, as `train_head` would for each, all in one computation.
@@ -96,8 +98,9 @@ def train_seed_heads(
         labels: [N, 4] one-hot labels of those rows.
         seeds: per seed its training and validation row indices (distinct seeds).
         config: the head and its optimisation, shared by the seeds.
-        on_epoch_end: called per seed after each epoch it trained, with Keras' logs
-            (loss, accuracy, val_loss, val_accuracy); an exception raised here stops all.
+        on_epoch_end: called after each epoch with every seed that trained it and its
+            Keras logs (loss, accuracy, val_loss, val_accuracy); an exception raised here
+            stops all (Optuna's TrialPruned, for one).
         shuffle: False feeds rows in index order (for comparisons).
 
     Returns:
@@ -114,14 +117,14 @@ def train_seed_heads(
     step = _build_step(states, x, y, config)
     validate = _build_validation(states, x, y)
     for epoch in range(1, config.max_epochs + 1):
-        live = [s for s in states if s.active]
+        live = [index for index, state in enumerate(states) if state.active]
         if not live:
             break
         sums = _run_epoch(states, step, config.batch_size)
         val_loss, val_accuracy = (t.numpy() for t in validate(tf.constant([s.active for s in states])))
-        for index, state in enumerate(states):
-            if not state.active:
-                continue
+        logs_by_seed = {}
+        for index in live:
+            state = states[index]
             logs = {
                 "loss": float(sums[index][0] / len(state.rows.train)),
                 "accuracy": float(sums[index][1] / len(state.rows.train)),
@@ -129,9 +132,10 @@ def train_seed_heads(
                 "val_accuracy": float(val_accuracy[index]),
             }
             _record_epoch(state, logs)
-            if on_epoch_end is not None:
-                on_epoch_end(state.rows.seed, epoch, logs)
-            state.active = state.active and not _should_stop(state, epoch, config.patience)
+            logs_by_seed[state.rows.seed] = logs
+            state.active = not _should_stop(state, epoch, config.patience)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, logs_by_seed)
     return {s.rows.seed: _finish_seed(s) for s in states}
 
 

@@ -1,6 +1,6 @@
-"""The objective: train one head per seed on cached features, score the mean best validation
-loss (the restored epoch), prune on the intermediate values; `tracked_objective` wraps each
-trial in a nested MLflow run.
+"""The objective: train one head per seed on cached features, all seeds together, score the
+mean best validation loss (the restored epoch), prune on the intermediate values;
+`tracked_objective` wraps each trial in a nested MLflow run.
 
 The backbone is frozen, so every trial reuses the features computed once per image; a
 trial only trains heads (one per seed, each seed with its own validation draw). The test
@@ -68,47 +68,63 @@ class TrialScore:
         return float(np.mean(list(self.val_accuracy.values())))
 
 
-EpochHook = Callable[[int, int, dict[str, float]], None]
+EpochHook = Callable[[int, dict[int, dict[str, float]], float], None]
+"""on_epoch(epoch, logs by seed, reported value), called before the pruning decision of
+that epoch, with the seeds that trained it."""
 
 
-"""on_epoch(seed, epoch, logs), called before the pruning decision of that epoch."""
+def stacked_seed_rows(data: Sequence[SeedData]):
+    """One feature matrix holding every seed's training then validation rows, their
+    one-hot labels and each seed's row indices into it (what train_seed_heads takes)."""
+    from ecg_mlflow.model.seed_heads import SeedRows
 
-
-def pruning_step(seed_index: int, epoch: int, max_epochs: int) -> int:
-    """Optuna step of an epoch: seeds follow one another, so seed k's epochs are
-    compared with other trials' epochs of the same seed."""
-    return seed_index * max_epochs + epoch
+    features, labels, rows, offset = [], [], [], 0
+    for seed_rows in data:
+        n_train, n_val = len(seed_rows.x_train), len(seed_rows.x_val)
+        features += [seed_rows.x_train, seed_rows.x_val]
+        labels += [seed_rows.y_train, seed_rows.y_val]
+        rows.append(SeedRows(seed_rows.seed, offset + np.arange(n_train), offset + n_train + np.arange(n_val)))
+        offset += n_train + n_val
+    return np.concatenate(features), np.concatenate(labels), rows
 
 
 def score_head(trial, config: HeadConfig, data: Sequence[SeedData], *, on_epoch: EpochHook | None = None) -> TrialScore:
-    """Train one head per seed and return the mean best validation loss.
+    """Train the heads of every seed together (model/seed_heads.py: each seed the head
+    `train_head` gives it) and return the mean best validation loss.
 
-    Reports every epoch's validation loss to `trial` and raises optuna.TrialPruned from
-    inside Keras' fit when the pruner says so (the exception leaves fit unchanged).
+    After every epoch reports, at step = epoch, the mean over seeds of the best validation
+    loss so far (a seed that stopped keeps its best): it falls as training goes on and at
+    the last epoch is the objective itself, so Optuna compares trials epoch by epoch on
+    the quantity it minimises. Raises optuna.TrialPruned when the pruner says so, which
+    stops every seed of the trial.
     """
     import keras
     import optuna
 
-    val_loss, val_acc, best, stopped = {}, {}, {}, {}
-    for index, seed_rows in enumerate(data):
-        def report(epoch: int, logs: dict[str, float], seed=seed_rows.seed, index=index) -> None:
-            if on_epoch is not None:
-                on_epoch(seed, epoch, logs)
-            step = pruning_step(index, epoch, config.max_epochs)
-            trial.report(float(logs["val_loss"]), step)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at seed {seed}, epoch {epoch} (step {step})")
+    from ecg_mlflow.model.seed_heads import train_seed_heads
 
-        keras.backend.clear_session()  # a fresh graph per head, as optuna-examples do
-        _, history = paper.train_head(
-            seed_rows.x_train, seed_rows.y_train, seed_rows.x_val, seed_rows.y_val,
-            config, seed_rows.seed, on_epoch_end=report,
-        )
-        val_loss[seed_rows.seed] = float(min(history.val_loss))
-        val_acc[seed_rows.seed] = float(history.val_accuracy[history.best_epoch - 1])
-        best[seed_rows.seed] = history.best_epoch
-        stopped[seed_rows.seed] = history.stopped_epoch
-    return TrialScore(float(np.mean(list(val_loss.values()))), val_loss, val_acc, best, stopped)
+    best: dict[int, float] = {}
+
+    def report(epoch: int, logs_by_seed: dict[int, dict[str, float]]) -> None:
+        for seed, logs in logs_by_seed.items():
+            best[seed] = min(best.get(seed, float("inf")), float(logs["val_loss"]))
+        value = float(np.mean(list(best.values())))
+        if on_epoch is not None:
+            on_epoch(epoch, logs_by_seed, value)
+        trial.report(value, epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch} (mean best validation loss {value:.4f})")
+
+    keras.backend.clear_session()  # a fresh graph per trial, as optuna-examples do
+    features, labels, rows = stacked_seed_rows(data)
+    trained = train_seed_heads(features, labels, rows, config, on_epoch_end=report)
+    val_loss, val_acc, best_epoch, stopped = {}, {}, {}, {}
+    for seed, (_, history) in trained.items():
+        val_loss[seed] = float(min(history.val_loss))
+        val_acc[seed] = float(history.val_accuracy[history.best_epoch - 1])
+        best_epoch[seed] = history.best_epoch
+        stopped[seed] = history.stopped_epoch
+    return TrialScore(float(np.mean(list(val_loss.values()))), val_loss, val_acc, best_epoch, stopped)
 
 
 def tracked_objective(config, data):
@@ -124,10 +140,10 @@ def tracked_objective(config, data):
         head = suggest_head(trial, base)
         last: dict[str, float] = {}
 
-        def log_epoch(seed: int, epoch: int, logs: dict[str, float]) -> None:
-            mlflow.log_metrics({f"seed{seed}/{k}": float(logs[k]) for k in schema.EPOCH_METRICS if k in logs},
-                               step=epoch)
-            last.update(pruned_seed=seed, pruned_epoch=epoch, last_val_loss=float(logs["val_loss"]))
+        def log_epoch(epoch: int, logs_by_seed: dict[int, dict[str, float]], value: float) -> None:
+            mlflow.log_metrics({f"seed{seed}/{k}": float(logs[k]) for seed, logs in logs_by_seed.items()
+                                for k in schema.EPOCH_METRICS if k in logs}, step=epoch)
+            last.update(pruned_epoch=epoch, pruned_value=value)
 
         run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True, tags={
             schema.TAG_ROLE: schema.ROLE_TUNE_TRIAL,
