@@ -13,7 +13,7 @@ drop in the probability of the class predicted on the intact image: one backbone
 region per image, so only for a small sample.
 
 Served (serving/packaging.py SERVED_MODULES): imports only model/regions and, inside
-functions, Keras and TensorFlow.
+functions, Keras (backend-neutral: the head's gradients are computed in NumPy).
 """
 
 from __future__ import annotations
@@ -90,35 +90,47 @@ def build_maps_model(extractor):
     return keras.Model(inputs, [maps, pool(maps)], name=f"{extractor.name}_maps")
 
 
-def head_logits(head, features):
-    """The head's class scores before the softmax (TensorFlow tensor in, tensor out)."""
+def _head_layers(head) -> tuple[list[tuple[np.ndarray, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
+    """The head's weights as (kernel, bias) of its ReLU Dense layers, and of the softmax
+    Dense layer that ends it (Dropout is the identity at inference); ExplainError for any
+    other layer, since the Jacobian below is exact for this stack only."""
     import keras
-    import tensorflow as tf
 
     *hidden, last = _non_input(head.layers)
     if not isinstance(last, keras.layers.Dense) or last.activation is not keras.activations.softmax:
         raise ExplainError(f"{head.name}: the head must end in a softmax Dense layer")
-    x = features
+    dense = []
     for layer in hidden:
-        x = layer(x, training=False)
-    return tf.matmul(x, last.kernel) + last.bias
+        if isinstance(layer, keras.layers.Dropout):
+            continue
+        if not isinstance(layer, keras.layers.Dense) or layer.activation is not keras.activations.relu:
+            raise ExplainError(f"{head.name}: layer {layer.name} is not a ReLU Dense or a Dropout layer")
+        dense.append(tuple(np.asarray(w, np.float32) for w in layer.get_weights()))
+    return dense, tuple(np.asarray(w, np.float32) for w in last.get_weights())
 
 
 def head_gradients(head, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(n, classes, k) gradients d logit_c / d f_k at each image's features, and the (n,
-    classes) probabilities. Costs a head pass and its Jacobian: no backbone."""
-    import tensorflow as tf
+    classes) probabilities. Costs a head pass and its Jacobian: no backbone.
 
-    x = tf.convert_to_tensor(np.asarray(features, np.float32))
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch(x)
-        logits = head_logits(head, x)
-        scores = [tf.reduce_sum(logits[:, c]) for c in range(logits.shape[1])]
-    # Images are independent in the head (no BatchNorm, dropout off), so the gradient of a
-    # class's summed logit is every image's own gradient: one backward pass per class,
-    # much cheaper in eager mode than tape.batch_jacobian's vectorised loop.
-    gradients = np.stack([np.asarray(tape.gradient(score, x)) for score in scores], axis=1)
-    return gradients, np.asarray(tf.nn.softmax(logits))
+    In NumPy from the head's weights, so it is the same under every Keras backend: the
+    head is ReLU Dense layers, then logits W x + b, so each image's Jacobian is the
+    product of the kernels with the ReLU's on/off pattern of that image (the gradient
+    TensorFlow and JAX give ReLU, 0 at exactly 0). Images are independent in the head (no
+    BatchNorm, dropout off), so a batch is every image's own Jacobian at once."""
+    dense, (kernel, bias) = _head_layers(head)
+    x = np.asarray(features, np.float32)
+    active = []
+    for w, b in dense:
+        z = x @ w + b
+        active.append(z > 0)
+        x = np.maximum(z, 0)
+    logits = x @ kernel + bias
+    gradients = np.broadcast_to(kernel.T, (len(x), *kernel.T.shape))  # (n, classes, units)
+    for (w, _), on in zip(reversed(dense), reversed(active)):
+        gradients = (gradients * on[:, None, :]) @ w.T
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return np.ascontiguousarray(gradients, np.float32), shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def explain_pooled(head, features: np.ndarray, pooled_maps: np.ndarray) -> Explanation:
