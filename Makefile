@@ -3,9 +3,11 @@
 #                 backbones, its analysis, promotion
 #   make test   - the whole test suite (what CI runs)
 #   make test-fast - the quick lane: everything but the tests marked slow
-# Both create .venv and install the project into it first (TensorFlow for the CPU: `.[cpu]`).
-#   make test-jax - the backend, train, study and serving tests again under KERAS_BACKEND=jax
-#                   (not the slow `mlflow run` ones: plumbing the TensorFlow lane covers), in .venv-jax
+# Both create .venv and install the project into it first (TensorFlow for the CPU and JAX:
+# `.[cpu,jax]`; TensorFlow is Keras' default backend, JAX the second one CI tests).
+#   make test-jax - the backend, train, study and serving tests again under
+#                   KERAS_BACKEND=jax (not the slow `mlflow run` ones: plumbing the TensorFlow
+#                   lane covers), in the same venv
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,15 +25,12 @@ PYTEST_ARGS ?=
 # Two pytest-xdist workers: most tests wait on servers and subprocesses, so two share the
 # two cores well (tests/conftest.py keeps each module, and the team server's users, on one).
 TEST_WORKERS ?= 2
-EXTRAS ?= cpu,test
-# The JAX lane: its own venv with both backends (the cross-backend tests load under one what
-# the other saved), KERAS_BACKEND=jax for every test and every process they start.
-JAX_VENV ?= .venv-jax
-JAX_BIN := $(abspath $(JAX_VENV))/bin
-JAX_EXTRAS ?= cpu,jax,test
+EXTRAS ?= cpu,jax,test
+# The JAX lane: KERAS_BACKEND=jax for every test and every process they start. The venv has
+# both backends, so the cross-backend tests load under one what the other saved.
 JAX_TESTS ?= tests/test_backend.py tests/test_train.py tests/test_study.py tests/test_serving.py
 
-.PHONY: setup setup-jax demo test test-fast test-jax clean
+.PHONY: setup demo test test-fast test-jax clean
 
 setup: $(VENV)/.installed
 
@@ -39,14 +38,6 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
-	touch $@
-
-setup-jax: $(JAX_VENV)/.installed
-
-$(JAX_VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(JAX_VENV)
-	$(JAX_BIN)/python -m pip install --quiet --upgrade pip
-	$(JAX_BIN)/python -m pip install --quiet -e '.[$(JAX_EXTRAS)]'
 	touch $@
 
 demo: setup
@@ -67,8 +58,8 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-jax: setup-jax
-	PATH="$(JAX_BIN):$$PATH" KERAS_BACKEND=jax $(JAX_BIN)/python -m pytest -m "not infra and not slow" $(JAX_TESTS) $(PYTEST_ARGS)
+test-jax: setup
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -m "not infra and not slow" $(JAX_TESTS) $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(JAX_VENV) mlruns mlflow.db .pytest_cache
+	rm -rf $(VENV) mlruns mlflow.db .pytest_cache

@@ -8,8 +8,8 @@ Measures, on ../shared/data/ecg-images at the paper's 512 x 1024:
      the analysis.
 It writes the "GPU study (JAX)" section of docs/benchmarks.md, naming the device it ran on.
 
-    KERAS_BACKEND=jax .venv-jax/bin/python benchmarks/gpu_study.py --precisions fp32,bf16   # on a GPU
-    KERAS_BACKEND=jax .venv-jax/bin/python benchmarks/gpu_study.py --tiny                   # CPU check
+    KERAS_BACKEND=jax .venv-gpu/bin/python benchmarks/gpu_study.py --precisions fp32,bf16   # on a GPU
+    KERAS_BACKEND=jax .venv/bin/python benchmarks/gpu_study.py --tiny                       # CPU check
 
 `--tiny` is the check that the script works where there is no GPU: 4 images per class,
 64 x 128, seeds 1-2, at most 5 epochs; its section says that no GPU figure was measured.
