@@ -47,6 +47,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-epochs", default="100")
     parser.add_argument("--weights", default="none", help="imagenet where Keras can download it")
     parser.add_argument("--precisions", default="fp32", help="feature passes to time: fp32, bf16 or fp32,bf16")
+    parser.add_argument("--study-precision", default="fp32", help="the study's precision (its features come from "
+                        "that pass): fp32 or bf16 (engine=keras bf16 trains on a GPU only)")
     parser.add_argument("--workdir", default=str(PROJECT_ROOT / ".bench" / "gpu-study"))
     parser.add_argument("--tiny", action="store_true", help="the CPU check: 4 images per class, 64 x 128, seeds 1-2")
     parser.add_argument("--no-write", action="store_true")
@@ -99,25 +101,16 @@ def peak_memory_gib() -> float | None:
 
 
 def time_feature_pass(arch: str, precision: str, args, paths_by_sha, cache: Path) -> dict[str, object]:
-    """One cold backbone pass over every unique image at `precision`; images/s and memory."""
-    import keras
-
-    from ecg_mlflow.model.backbones import build_feature_extractor
-    from ecg_mlflow.model.backend import precision_scope
+    """One cold backbone pass over every unique image through engine=keras at `precision`
+    (what a study with that precision computes, into the key it reads); images/s and memory."""
     from ecg_mlflow.model.features import FeatureKey, extract_features
 
-    shutil.rmtree(cache / arch, ignore_errors=True)
-    height, width = int(args.image_height), int(args.image_width)
-    with precision_scope(precision):
-        extractor = build_feature_extractor(arch, args.weights, height, width)
-    key = FeatureKey(arch, args.weights, height, width, "none")
-    _, stats = extract_features(paths_by_sha, key, cache, build_extractor=lambda: extractor, progress=True)
-    row = {"arch": arch, "precision": precision, "images": stats.misses, "seconds": stats.seconds,
-           "images_per_s": stats.misses / stats.seconds, "peak_gib": peak_memory_gib()}
-    del extractor
-    keras.backend.clear_session()
+    key = FeatureKey(arch, args.weights, int(args.image_height), int(args.image_width), "none", "keras", precision)
+    shutil.rmtree(cache / arch / key.digest, ignore_errors=True)
+    _, stats = extract_features(paths_by_sha, key, cache, progress=True)
     gc.collect()
-    return row
+    return {"arch": arch, "precision": precision, "images": stats.misses, "seconds": stats.seconds,
+            "images_per_s": stats.misses / stats.seconds, "peak_gib": peak_memory_gib()}
 
 
 def run_study(args, data: Path, cache: Path, env: dict[str, str]) -> None:
@@ -126,6 +119,7 @@ def run_study(args, data: Path, cache: Path, env: dict[str, str]) -> None:
         "--seeds", args.seeds, "--data", str(data), "--weights", args.weights,
         "--image-height", args.image_height, "--image-width", args.image_width,
         "--max-epochs", args.max_epochs, "--cache-dir", str(cache), "--experiment", EXPERIMENT,
+        "--engine", "keras", "--precision", args.study_precision,
     ]
     print(f"study: {' '.join(command[1:])}", flush=True)
     subprocess.run(command, env=env, check=True)
@@ -174,10 +168,10 @@ def section(args, device: str, passes: list[dict], study: dict, unique: int, fil
         f"{args.image_width}, weights={args.weights}, {files} files ({unique} unique), Keras backend "
         f"{backend_version()} on {device}. Machine: {machine()}.\n\n"
         f"Backbone pass over every unique image (cold cache):\n\n{table}\n\n"
-        f"Study ({study['runs']} runs + analysis, on the cache the fp32 pass filled; the runs are tagged "
+        f"Study ({study['runs']} runs + analysis at {args.study_precision}, on the cache that pass filled; the runs are tagged "
         f"backend {', '.join(study['backends'])}, device {', '.join(study['devices'])}): "
         f"{study['study_s']:.0f} s, of which heads {study['heads_s']:.0f} s ({study['head_mean_s']:.1f} s per "
-        f"run); with the fp32 passes, {total_s:.0f} s in all. Peak device memory is JAX's "
+        f"run); with that precision's passes, {total_s:.0f} s in all. Peak device memory is JAX's "
         "`peak_bytes_in_use` of this process after each pass (cumulative; without preallocation), "
         "where the device reports it (CPUs do not)."
     )
@@ -209,16 +203,15 @@ def main() -> None:
 
     start = time.perf_counter()
     passes = []
-    for precision in sorted(set(precisions) | {"fp32"}, key=PRECISIONS.index):
-        # The study computes at fp32 (the precision it can be given arrives with the engine
-        # work), so only the fp32 pass fills its cache; other precisions get their own.
-        cache = workdir / ("cache" if precision == "fp32" else f"cache-{precision}")
-        passes += [time_feature_pass(arch, precision, args, paths_by_sha, cache) for arch in ARCHS]
-    fp32_s = sum(r["seconds"] for r in passes if r["precision"] == "fp32")
+    study_precision = check_precision(args.study_precision)
+    for precision in sorted(set(precisions) | {study_precision}, key=PRECISIONS.index):
+        # One cache: the passes at each precision fill their own keys, the study reads its own.
+        passes += [time_feature_pass(arch, precision, args, paths_by_sha, workdir / "cache") for arch in ARCHS]
+    pass_s = sum(r["seconds"] for r in passes if r["precision"] == study_precision)
     run_study(args, data, workdir / "cache", env)
     study = study_times()
     text = section(args, device_line(), passes, study, len(paths_by_sha), len(manifest.records),
-                   fp32_s + study["study_s"])
+                   pass_s + study["study_s"])
     print(text)
     print(f"(script wall time {time.perf_counter() - start:.0f} s)")
     if not args.no_write:

@@ -181,7 +181,7 @@ def parse_train_config(**raw) -> TrainConfig:
     try:
         check_image_size(config.arch, config.image_height, config.image_width)
         check_engine_pair(config.engine, config.precision)
-    except ValueError as exc:  # a BackboneError, or keras with bf16
+    except ValueError as exc:  # a BackboneError, or an unknown engine or precision
         raise ConfigError(str(exc)) from None
     return config
 
@@ -198,6 +198,13 @@ def resolve_train_config(**raw) -> TrainConfig:
         require_engine(config.engine, config.precision)
     except EngineUnavailable as exc:
         raise ConfigError(str(exc)) from None
+    if (config.engine, config.precision) == ("keras", "bf16"):
+        from ecg_mlflow.model.backend import keras_bf16_missing
+
+        missing = keras_bf16_missing()
+        if missing:
+            raise ConfigError(f"precision: engine=keras precision=bf16 cannot run on this host ({missing}); "
+                              "use precision=fp32, or engine=openvino on a CPU with AMX or AVX-512 BF16")
     return replace(config, cache_dir=config.cache_dir or str(default_cache_dir()))
 
 

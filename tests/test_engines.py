@@ -41,6 +41,8 @@ FP32_TOLERANCE = 1e-4
 BF16_TOLERANCE = 5e-2
 """OpenVINO bf16 vs Keras fp32, same measure: bf16 keeps 8 bits of mantissa (3e-3 measured on
 ResNet-50 at 512 x 1024 on an AMX host)."""
+KERAS_BF16_MIN_COSINE = 0.95
+"""Keras bf16 vs Keras fp32 features, per image: 0.989-0.997 measured on real reports."""
 SERVED_TOLERANCE = 1e-5
 FEATURE_ARCH = "efficientnetlite0"  # pretrained, offline: real features of real images
 ARCHS = ("mobilenetv3large", "vgg16")
@@ -55,8 +57,6 @@ def test_engine_and_precision_are_validated_naming_the_parameter():
         parse_train_config(engine="tensorrt")
     with pytest.raises(ConfigError, match="^precision must be one of fp32, bf16; got 'fp16'"):
         parse_train_config(precision="fp16")
-    with pytest.raises(ConfigError, match="^precision: bf16 runs through engine=openvino only"):
-        parse_train_config(engine="keras", precision="bf16")
     config = parse_train_config(engine=" keras ", precision="fp32")
     assert (config.engine, config.precision) == ("keras", "fp32")
     params = parse_train_config(engine="openvino", precision="bf16").as_params()
@@ -85,6 +85,19 @@ def test_training_refuses_an_engine_this_host_cannot_run(monkeypatch, tmp_path):
     assert (choice.engine, choice.precision, choice.reason) == ("openvino", "fp32", f"bf16 disabled by {DISABLE_BF16_ENV}")
     with pytest.raises(ConfigError, match="^precision: engine=openvino precision=bf16 cannot run on this host"):
         resolve_train_config(engine="openvino", precision="bf16", cache_dir=str(tmp_path))
+
+
+def test_keras_bf16_trains_on_a_gpu_only():
+    """engine=keras precision=bf16 is Keras' mixed_bfloat16, which pays on a GPU: a valid
+    pair, but training refuses it on a CPU with one line naming precision and the device."""
+    from ecg_mlflow.model.backend import device_kind, keras_bf16_missing
+
+    assert (keras_bf16_missing() == "") == (device_kind() == "gpu")
+    parse_train_config(engine="keras", precision="bf16")  # the pair itself is valid
+    if device_kind() != "gpu":
+        with pytest.raises(ConfigError, match=r"^precision: engine=keras precision=bf16 cannot run on this host "
+                                              r"\(Keras' bf16 pays on a GPU only, and the \w+ backend computes on the cpu"):
+            resolve_train_config(engine="keras", precision="bf16")
 
 
 def test_bf16_is_offered_exactly_where_the_cpu_has_it():
@@ -135,6 +148,33 @@ def test_openvino_bf16_features_are_close_to_keras_fp32(real_sample, keras_featu
 
 
 # ---- trained, logged, promoted and served through OpenVINO ---------------------------------
+
+
+def test_keras_bf16_features_are_bf16_and_the_whole_model_serves_them(real_sample, keras_features, tmp_path):
+    """The path a GPU runs, run here on the CPU (slowly, which is why training refuses it
+    here): the extractor is built in bfloat16, its features differ from fp32 by bf16
+    rounding, and the assembled whole model computes exactly those features (1e-5)."""
+    from ecg_mlflow.model.features import key_extractor
+    from ecg_mlflow.model.head import build_head
+    from ecg_mlflow.model.whole_model import EQUALITY_TOLERANCE, assemble_model, check_model_matches_head
+
+    features = _features(real_sample, tmp_path, "keras", "bf16")
+    # bf16 really ran (not 0), and every layer's activations are rounded to bf16, so the
+    # features drift further than OpenVINO's bf16 (fp32 accumulation): a cosine of ~0.99 to
+    # fp32 (docs/benchmarks.md, "Keras bf16 on this CPU").
+    assert np.abs(features - keras_features).max() > 0
+    cosine = (features * keras_features).sum(1) / np.linalg.norm(features, axis=1) / np.linalg.norm(keras_features, axis=1)
+    assert cosine.min() > KERAS_BF16_MIN_COSINE, cosine
+    config = parse_train_config(arch=FEATURE_ARCH, weights="imagenet", image_height="64", image_width="128",
+                                engine="keras", precision="bf16")
+    extractor = key_extractor(config.feature_key())
+    assert extractor.dtype_policy.name == "mixed_bfloat16"
+    assert key_extractor(replace(config.feature_key(), precision="fp32")).dtype_policy.name == "float32"
+    head = build_head(features.shape[1], (16,), 0.2)
+    model = assemble_model(config, head)
+    runner = whole_model_runner(model, "keras", "bf16")
+    pixels = load_batch([real_sample[sha] for sha in sorted(real_sample)], 64, 128)
+    assert check_model_matches_head(runner, head, pixels, features) <= EQUALITY_TOLERANCE
 
 
 @pytest.fixture(scope="module")

@@ -179,6 +179,7 @@ def test_occlusion_drops_only_regions_in_the_input(reports):
 def test_a_train_run_logs_explanations_and_text_shares(tmp_path, tracking_uri, crop):
     import mlflow
     import pandas as pd
+    from PIL import Image
 
     from ecg_mlflow import schema
     from ecg_mlflow.config import parse_train_config
@@ -202,6 +203,9 @@ def test_a_train_run_logs_explanations_and_text_shares(tmp_path, tracking_uri, c
     test_classes = set(pd.read_csv(mlflow.artifacts.download_artifacts(
         run_id=result.run_id, artifact_path=schema.ARTIFACT_PREDICTIONS))[schema.COL_TRUE])
     assert {schema.overlay_artifact(c, 1) for c in test_classes} <= files
+    with Image.open(mlflow.artifacts.download_artifacts(
+            run_id=result.run_id, artifact_path=schema.overlay_artifact(sorted(test_classes)[0], 1))) as overlay:
+        assert overlay.format == "PNG" and overlay.mode == "RGB" and overlay.width == config.image_width
     table = pd.read_csv(mlflow.artifacts.download_artifacts(
         run_id=result.run_id, artifact_path=schema.ARTIFACT_REGION_TABLE))
     assert len(table) == len(result.split.test)

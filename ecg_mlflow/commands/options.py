@@ -34,7 +34,7 @@ TRAIN_OPTIONS: tuple[tuple[str, str, str], ...] = (
     ("head_config", "", "best_head.json path or artifact URI (runs:/ID/best_head.json) from `tune`"),
     ("log_model", "true", "log the whole Keras model (true|false)"),
     ("engine", _DEFAULTS.engine, "backbone pass: keras | openvino (CPU); the served model runs the same"),
-    ("precision", _DEFAULTS.precision, "backbone precision: fp32 | bf16 (engine=openvino on a CPU with AMX/AVX-512 BF16)"),
+    ("precision", _DEFAULTS.precision, "backbone precision: fp32 | bf16 (engine=openvino on a CPU with AMX/AVX-512 BF16, engine=keras on a GPU)"),
 )
 
 

@@ -194,16 +194,20 @@ def build_feature_extractor(arch: str, weights: str, height: int, width: int):
     return model
 
 
-def shared_feature_extractor(arch: str, weights: str, height: int, width: int):
+def shared_feature_extractor(arch: str, weights: str, height: int, width: int, precision: str = "fp32"):
     """One frozen extractor per configuration and process: a study builds each backbone
     once, for its feature passes and for every model it assembles. Keyed by the weights'
-    identity too, so a weights file changed on disk is not served from memory."""
-    return _cached_extractor(arch, weights, weights_identity(weights, arch), height, width)
+    identity too, so a weights file changed on disk is not served from memory. `precision`
+    is the Keras dtype policy its layers are built with (backend.precision_scope)."""
+    return _cached_extractor(arch, weights, weights_identity(weights, arch), height, width, precision)
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_extractor(arch: str, weights: str, identity: str, height: int, width: int):
-    return build_feature_extractor(arch, weights, height, width)
+def _cached_extractor(arch: str, weights: str, identity: str, height: int, width: int, precision: str):
+    from ecg_mlflow.model.backend import precision_scope
+
+    with precision_scope(precision):
+        return build_feature_extractor(arch, weights, height, width)
 
 
 def _instantiate(builder: Callable, spec: BackboneSpec, weights: str, height: int, width: int, kwargs):

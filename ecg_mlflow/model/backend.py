@@ -132,6 +132,16 @@ def device_kind() -> str:
     return "gpu" if tf.config.list_logical_devices("GPU") else "cpu"
 
 
+def keras_bf16_missing() -> str:
+    """Why engine=keras at bf16 does not pay here, or "" where it does (a GPU). On a CPU
+    Keras' bf16 kernels are slower than its fp32 ones (docs/benchmarks.md, "Keras bf16 on
+    this CPU"); OpenVINO is the CPU's bf16 engine, where the CPU has native bf16."""
+    device = device_kind()
+    if device == "gpu":
+        return ""
+    return f"Keras' bf16 pays on a GPU only, and the {backend_name()} backend computes on the {device} here"
+
+
 def check_precision(precision: str) -> str:
     """`precision` itself if it is one of PRECISIONS; ValueError naming the values otherwise."""
     if precision not in PRECISIONS:

@@ -172,6 +172,16 @@ def select_shard(paths_by_sha: dict[str, Path], index: int, count: int) -> dict[
     return {sha: path for sha, path in paths_by_sha.items() if shard_of(sha, count) == index}
 
 
+def key_extractor(key: FeatureKey):
+    """The process-wide frozen extractor that computes `key`'s features: its layers in
+    bfloat16 (Keras' mixed_bfloat16) for engine=keras at bf16, else in float32, which
+    OpenVINO compiles at the key's precision itself."""
+    from ecg_mlflow.model.backbones import shared_feature_extractor
+
+    precision = key.precision if key.engine == "keras" else "fp32"
+    return shared_feature_extractor(key.arch, key.weights, key.height, key.width, precision)
+
+
 def extract_features(
     paths_by_sha: dict[str, Path],
     key: FeatureKey,
@@ -202,12 +212,7 @@ def extract_features(
             else:
                 features[sha] = cached
     if missing:
-        if build_extractor is None:
-            from ecg_mlflow.model.backbones import shared_feature_extractor
-
-            extractor = shared_feature_extractor(key.arch, key.weights, key.height, key.width)
-        else:
-            extractor = build_extractor()
+        extractor = key_extractor(key) if build_extractor is None else build_extractor()
         runner = extractor_runner(extractor, key.engine, key.precision)
         for sha, vector in _run_backbone(runner, missing, paths_by_sha, key, progress):
             cache.store(sha, vector)

@@ -30,6 +30,7 @@ from ecg_mlflow.model.cache_store import open_store
 from ecg_mlflow.model.engines import extractor_runner
 from ecg_mlflow.model.features import (
     _CHECKSUM_BYTES, KEY_FILE, LOAD_CHUNK, CacheStats, FeatureCache, FeatureKey, _pad_batch, decoded_batches,
+    key_extractor,
 )
 
 _SHAPE_VALUES = 3  # a full-map entry starts with its (h, w, k)
@@ -76,10 +77,9 @@ class FullMapCache(FeatureCache):
 
 def shared_maps_model(key: FeatureKey):
     """The maps model of the process-wide extractor of `key` (built once, like the extractor)."""
-    from ecg_mlflow.model import backbones
     from ecg_mlflow.model.explain import build_maps_model
 
-    extractor = backbones.shared_feature_extractor(key.arch, key.weights, key.height, key.width)
+    extractor = key_extractor(key)
     cached = getattr(extractor, "_ecg_maps_model", None)
     if cached is None:
         cached = build_maps_model(extractor)

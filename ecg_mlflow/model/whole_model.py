@@ -16,14 +16,14 @@ EQUALITY_TOLERANCE = 1e-5
 def assemble_model(config: TrainConfig, head, extractor=None):
     """The whole model, RGB 0..255 in, class probabilities out: input scaling, frozen
     backbone, pooling (one feature extractor) and the trained head. `extractor` is the one
-    that computed the features (default: the shared fp32 one of `config`), so a backbone
-    built at another precision serves as it computed."""
+    that computed the features (default: the shared one of `config`'s feature key, at its
+    Keras precision), so a backbone built at another precision serves as it computed."""
     import keras
 
-    from ecg_mlflow.model.backbones import shared_feature_extractor
+    from ecg_mlflow.model.features import key_extractor
 
     if extractor is None:
-        extractor = shared_feature_extractor(config.arch, config.weights, config.image_height, config.image_width)
+        extractor = key_extractor(config.feature_key())
     inputs = keras.Input(shape=(config.image_height, config.image_width, 3), name="image", dtype="float32")
     outputs = head(extractor(inputs))
     return keras.Model(inputs, outputs, name=f"ecg_{config.arch}")

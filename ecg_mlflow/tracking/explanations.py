@@ -77,6 +77,25 @@ def log_explanations(
         caption = (f"{relpaths[i]}  true {labels[i]}  predicted {predicted} "
                    f"(p={full.probabilities[0].max():.2f})  text share {full.text_shares[0]:.2f}")
         pixels = load_pixels(paths[i], key.height, key.width, key.crop)
-        mlflow.log_image(overlay_picture(pixels, full.cam[0], key.crop, caption),
-                         schema.overlay_artifact(labels[i], numbers[labels[i]]))
+        log_png(overlay_picture(pixels, full.cam[0], key.crop, caption),
+                schema.overlay_artifact(labels[i], numbers[labels[i]]))
     return text_share_metrics(explained.text_shares, labels)
+
+
+OVERLAY_PNG_LEVEL = 1
+"""zlib level of the overlay PNGs. They are photo-like (a report under a colour map), so
+PIL's default level 6 compresses them little better: at 512 x 1024, 268 ms and 685 KiB per
+image against 78 ms and 780 KiB at level 1 (lossless either way), eight images per run."""
+
+
+def log_png(image, artifact_file: str) -> None:
+    """mlflow.log_image for a PIL image, saved as PNG at OVERLAY_PNG_LEVEL."""
+    import tempfile
+
+    import mlflow
+
+    target = Path(artifact_file)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / target.name
+        image.save(path, format="PNG", compress_level=OVERLAY_PNG_LEVEL)
+        mlflow.log_artifact(str(path), artifact_path=str(target.parent) if target.parent != Path(".") else None)
