@@ -4,7 +4,7 @@ determinism and precision, and models that move between TensorFlow and JAX.
 The requirement tests read real package metadata (importlib.metadata) from site folders that
 hold a `*.dist-info` for each package, as pip leaves them, so the TensorFlow build a GPU
 install brings (`tensorflow`) and the CPU one (`tensorflow-cpu`) are both checked on any
-machine. The cross-backend tests need both backends installed (`make setup` installs both).
+machine. The cross-backend and JAX subprocess tests run in the JAX lane (`make test-jax`), once.
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ BACKENDS = ("tensorflow", "jax")
 ACTIVE = backend_name()
 OTHER = next(b for b in BACKENDS if b != ACTIVE)
 OTHER_INSTALLED = importlib.util.find_spec(BACKEND_MODULES[OTHER]) is not None
+IN_JAX_LANE = ACTIVE == "jax"
+jax_lane_only = pytest.mark.skipif(
+    not IN_JAX_LANE, reason="runs JAX in subprocesses: in the JAX lane (`make test-jax`), not twice")
 needs_both_backends = pytest.mark.skipif(
-    not OTHER_INSTALLED or ACTIVE != "tensorflow",
-    reason=f"runs both backends in subprocesses: once, in the TensorFlow lane, where both are installed "
-           f"(active {ACTIVE}, {OTHER} {'installed' if OTHER_INSTALLED else 'not installed'})",
+    not IN_JAX_LANE or not OTHER_INSTALLED,
+    reason=f"runs both backends in subprocesses: once, in the JAX lane (`make test-jax`), where both are "
+           f"installed (active {ACTIVE}, {OTHER} {'installed' if OTHER_INSTALLED else 'not installed'})",
 )
-needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None,
-                               reason="JAX is not installed (the `.[jax]` extra, which `make setup` installs)")
 
 
 def fake_site(root: Path, **versions: str) -> list[str]:
@@ -154,7 +155,7 @@ def test_the_whole_model_equals_the_head_at_each_precision(precision, tmp_path):
     assert check_model_matches_head(model, head, pixels, cached) <= 1e-5
 
 
-@needs_jax
+@jax_lane_only
 def test_the_jax_path_trains_without_importing_tensorflow(tmp_path):
     """Determinism and training under JAX run with TensorFlow unimportable, even where it is
     installed (Keras' own set_random_seed would import it otherwise); XLA is asked for
@@ -184,7 +185,7 @@ print(backend_name(), device_kind(), same, 'tensorflow' in sys.modules, os.envir
     assert XLA_DETERMINISM_FLAG in flags
 
 
-@needs_jax
+@jax_lane_only
 def test_under_jax_the_default_engine_is_keras_and_openvino_is_refused_saying_why(tmp_path):
     """OpenVINO converts Keras models through TensorFlow: under KERAS_BACKEND=jax the CLI's
     default is engine=keras, and an explicit engine=openvino is one ConfigError naming engine."""
@@ -213,8 +214,8 @@ from ecg_mlflow.config import parse_train_config
 from ecg_mlflow.model.head import build_head
 from ecg_mlflow.model.whole_model import assemble_model
 keras.utils.set_random_seed(3)
-config = parse_train_config(arch="mobilenetv3large", weights="none", image_height="64", image_width="96")
-head = build_head(960, (16,), 0.2)
+config = parse_train_config(arch="vgg16", weights="none", image_height="64", image_width="96")
+head = build_head(512, (16,), 0.2)
 model = assemble_model(config, head)
 pixels = np.random.default_rng(1).uniform(0, 255, (4, 64, 96, 3)).astype("float32")
 np.save("pixels.npy", pixels)
