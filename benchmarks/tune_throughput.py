@@ -152,7 +152,8 @@ def report(args, manifest, results) -> str:
         f"on average at {warm['trial_seconds'] / warm['epochs']:.2f} s each, which includes building "
         "each head and one MLflow metric batch per epoch). Median pruning stopped "
         f"{warm['PRUNED']} of {warm['trials']} trials early. 30 trials with one seed take about "
-        f"{30 / warm['trials_per_minute']:.0f} minutes here; `--seeds 1-3` roughly triples that.",
+        f"{30 / warm['trials_per_minute']:.0f} minutes here (with one seed per trial; several seeds "
+        "train together, in one computation: `--seeds` measures that).",
         "- Not measured here: parallel workers on one PostgreSQL study should add throughput only "
         "where cores are free, since each head already uses every core TensorFlow sees.",
     ]
