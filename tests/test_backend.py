@@ -99,7 +99,7 @@ def test_a_missing_backend_is_one_line_naming_the_extras(tmp_path):
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert lines == [f"Error: Keras backend 'torch' is not installed (torch not found); {INSTALL_HINT}"]
-    assert "'.[cpu]'" in lines[0] and "'.[gpu]'" in lines[0] and "'.[jax]'" in lines[0]
+    assert "'.[cpu]'" in lines[0] and "'.[gpu]'" in lines[0] and "'.[cpu,jax]'" in lines[0]
 
 
 def test_the_configured_backend_is_read_as_keras_reads_it(tmp_path):
@@ -183,6 +183,34 @@ print(backend_name(), device_kind(), same, 'tensorflow' in sys.modules, os.envir
     backend, device, same, tensorflow_imported, flags = done.stdout.split(maxsplit=4)
     assert (backend, device, same, tensorflow_imported) == ("jax", "cpu", "True", "False")
     assert XLA_DETERMINISM_FLAG in flags
+
+
+@jax_lane_only
+def test_under_jax_without_tensorflow_the_seeds_together_trainer_says_what_to_install(tmp_path):
+    """A JAX-only install trains one seed (Keras' fit) but not a study's seeds together, which
+    run in TensorFlow: that is one line naming the extras, not an ImportError deep inside."""
+    code = """
+import sys
+class NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'tensorflow':
+            raise ImportError('TensorFlow is blocked on the JAX path')
+sys.meta_path.insert(0, NoTensorFlow())
+import numpy as np
+from ecg_mlflow.model.backend import BackendMissingError
+from ecg_mlflow.model.head import HeadConfig
+from ecg_mlflow.model.seed_heads import SeedRows, train_seed_heads
+x = np.zeros((8, 4), 'float32'); y = np.eye(4, dtype='float32')[[0, 1, 2, 3] * 2]
+try:
+    train_seed_heads(x, y, [SeedRows(1, np.arange(6), np.arange(6, 8))], HeadConfig(dense_units=(4,), max_epochs=1))
+except BackendMissingError as exc:
+    print(exc)
+"""
+    done = run_python(code, "jax", tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == (
+        "the study's and tune's head trainer (seeds together) runs in TensorFlow under every Keras backend, "
+        "and TensorFlow is not importable: add '.[cpu]' or '.[gpu]' to '.[jax]'")
 
 
 @jax_lane_only

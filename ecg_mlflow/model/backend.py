@@ -4,7 +4,9 @@ Keras 3 models are backend-neutral: a `.keras` file saved under TensorFlow loads
 and the other way round. What is not neutral lives here, one function per concern, with one
 implementation per backend: determinism (`make_deterministic`), the precision of the
 backbone pass (`precision_scope`), the device the backend computes on. TensorFlow is
-imported only on the TensorFlow path, JAX only on the JAX path.
+imported only on the TensorFlow path, JAX only on the JAX path, with one exception: the
+seeds-together head trainer is written in TensorFlow under every backend
+(`tensorflow_for_heads`), which is why every install has TensorFlow (`.[cpu]` or `.[gpu]`).
 
 Which backend is active is Keras' decision (KERAS_BACKEND, else `backend` in
 $KERAS_HOME/keras.json, else TensorFlow); `configured_backend` reads it the same way without
@@ -30,7 +32,7 @@ BACKEND_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch", "
 """Backend name -> the module Keras imports for it."""
 INSTALL_HINT = (
     "install one: pip install -e '.[cpu]' (TensorFlow, CPU), '.[gpu]' (TensorFlow with CUDA, "
-    "Linux) or '.[jax]' and set KERAS_BACKEND=jax"
+    "Linux) or '.[cpu,jax]' and set KERAS_BACKEND=jax"
 )
 XLA_DETERMINISM_FLAG = "--xla_gpu_deterministic_ops=true"
 """XLA's switch to deterministic GPU kernels (scatter, reductions); read when JAX starts its
@@ -119,6 +121,27 @@ def make_deterministic(seed: int) -> None:
 
     keras.utils.set_random_seed(seed)
     DETERMINISM[backend_name()]()
+
+
+def tensorflow_for_heads():
+    """TensorFlow, as the engine of the seeds-together head trainer (model/seed_heads.py),
+    which is written in TensorFlow whatever the Keras backend. Under another backend
+    (JAX on a GPU) TensorFlow gets no GPU: it would take the GPU's memory from the backend
+    that runs the backbone; the heads are small, and train on the CPU's cores.
+    BackendMissingError (one line) where TensorFlow is not installed."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise BackendMissingError(
+            "the study's and tune's head trainer (seeds together) runs in TensorFlow under every Keras "
+            "backend, and TensorFlow is not importable: add '.[cpu]' or '.[gpu]' to '.[jax]'") from None
+
+    if backend_name() != "tensorflow":
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError:  # TensorFlow had initialised its devices already: keep them
+            pass
+    return tf
 
 
 def device_kind() -> str:

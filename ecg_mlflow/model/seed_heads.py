@@ -106,8 +106,9 @@ def train_seed_heads(
     Returns:
         seed -> (Keras head with the restored best weights, HeadHistory).
     """
-    import tensorflow as tf
+    from ecg_mlflow.model.backend import tensorflow_for_heads
 
+    tf = tensorflow_for_heads()
     if len({s.seed for s in seeds}) != len(seeds):
         raise ValueError(f"seeds must be distinct, got {[s.seed for s in seeds]}")
     tf.config.experimental.enable_op_determinism()
