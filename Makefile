@@ -6,7 +6,7 @@
 # Both create .venv and install the project into it first (TensorFlow for the CPU and JAX:
 # `.[cpu,jax]`; TensorFlow is Keras' default backend, JAX the second one CI tests).
 #   make test-jax - the backend, train, study and serving tests again under
-#                   KERAS_BACKEND=jax (not the slow `mlflow run` ones: plumbing the TensorFlow
+#                   KERAS_BACKEND=jax (not the `mlflow run` ones: plumbing the TensorFlow
 #                   lane covers), in the same venv
 
 PYTHON ?= python3
@@ -29,9 +29,11 @@ EXTRAS ?= cpu,jax,test
 # The JAX lane: KERAS_BACKEND=jax for every test and every process they start. The venv has
 # both backends, so the cross-backend tests load under one what the other saved.
 JAX_TESTS ?= tests/test_backend.py tests/test_train.py tests/test_study.py tests/test_serving.py
-# Parsing and parameter checks are the same under every backend: the TensorFlow lane has them.
+# Left to the TensorFlow lane: parsing and parameter checks, the same under every backend, and
+# the `mlflow run` and SIGTERM tests, process plumbing (slow, marked so). The serving tests stay:
+# they are `slow` only because their module fixture trains the model they serve.
 JAX_SKIP ?= bad_parameter or bad_study_parameters or missing_dataset or too_small_image or lists_parse \
-	or needs_exactly_one_target or preprocessing_is_parsed
+	or needs_exactly_one_target or preprocessing_is_parsed or mlflow_run or sigterm
 
 .PHONY: setup demo test test-fast test-jax clean
 
@@ -62,7 +64,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-jax: setup
-	KERAS_BACKEND=jax $(BIN)/python -m pytest -m "not infra and not slow" -k "not ($(JAX_SKIP))" $(JAX_TESTS) $(PYTEST_ARGS)
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -m "not infra" -k "not ($(JAX_SKIP))" $(JAX_TESTS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) mlruns mlflow.db .pytest_cache
