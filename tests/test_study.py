@@ -116,7 +116,7 @@ def test_bad_study_parameters_fail_before_any_run(demo_set, tracking_uri):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # two `mlflow run` studies (minutes each; .ci/run bounds the job at 30 min)
+@pytest.mark.timeout(1500)  # two `mlflow run` studies (minutes each; .ci/run bounds the suite at 40 min)
 def test_mlflow_run_study_then_analysis_matches_an_independent_recomputation(demo_set, tracking_uri, tmp_path):
     env = server_env(tracking_uri)
     command = [
