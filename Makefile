@@ -39,7 +39,8 @@ JAX_SKIP ?= bad_parameter or bad_study_parameters or missing_dataset or too_smal
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Makefile too: a changed EXTRAS (jax joined cpu,test) reinstalls an existing venv.
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
