@@ -155,18 +155,24 @@ def test_the_whole_model_equals_the_head_at_each_precision(precision, tmp_path):
     assert check_model_matches_head(model, head, pixels, cached) <= 1e-5
 
 
-@jax_lane_only
-def test_the_jax_path_trains_without_importing_tensorflow(tmp_path):
-    """Determinism and training under JAX run with TensorFlow unimportable, even where it is
-    installed (Keras' own set_random_seed would import it otherwise); XLA is asked for
-    deterministic GPU kernels."""
-    code = """
-import os, sys
+BLOCK_TENSORFLOW = """
+import sys
 class NoTensorFlow:
     def find_spec(self, name, path=None, target=None):
         if name.split('.')[0] == 'tensorflow':
             raise ImportError('TensorFlow is blocked on the JAX path')
 sys.meta_path.insert(0, NoTensorFlow())
+"""
+"""Prefix of a subprocess script: TensorFlow cannot be imported, even where it is installed."""
+
+
+@jax_lane_only
+def test_the_jax_path_trains_without_importing_tensorflow(tmp_path):
+    """Determinism and training under JAX run with TensorFlow unimportable, even where it is
+    installed (Keras' own set_random_seed would import it otherwise); XLA is asked for
+    deterministic GPU kernels."""
+    code = BLOCK_TENSORFLOW + """
+import os
 import numpy as np
 from ecg_mlflow.model.backend import backend_name, device_kind, make_deterministic
 from ecg_mlflow.model.head import HeadConfig, train_head
@@ -189,13 +195,7 @@ print(backend_name(), device_kind(), same, 'tensorflow' in sys.modules, os.envir
 def test_under_jax_without_tensorflow_the_seeds_together_trainer_says_what_to_install(tmp_path):
     """A JAX-only install trains one seed (Keras' fit) but not a study's seeds together, which
     run in TensorFlow: that is one line naming the extras, not an ImportError deep inside."""
-    code = """
-import sys
-class NoTensorFlow:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] == 'tensorflow':
-            raise ImportError('TensorFlow is blocked on the JAX path')
-sys.meta_path.insert(0, NoTensorFlow())
+    code = BLOCK_TENSORFLOW + """
 import numpy as np
 from ecg_mlflow.model.backend import BackendMissingError
 from ecg_mlflow.model.head import HeadConfig
