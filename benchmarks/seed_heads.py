@@ -169,8 +169,11 @@ def main() -> None:
         "(ecg_mlflow/model/seed_heads.py says how); the differences left are float32 rounding in "
         "another reduction order, which long training can amplify on random features. "
         "Where the time goes: Keras runs one seed's step at a time with an unfused Adam (about ten "
-        "elementwise passes over each 2048 x 1024 kernel); together, one graph runs every seed's step "
-        "side by side, Adam is one XLA-fused pass per variable, and a seed that stopped costs nothing."
+        "elementwise passes over each 2048 x 1024 kernel); together, each step is a few Numba loops "
+        "(model/head_kernels.py): the forward pass, and per dense layer its weight gradient and Adam "
+        "update in one pass over kernel and moments, on both cores; a seed that stopped costs nothing. "
+        "The step is bound by memory: the first kernel and its two moments are read and written "
+        "every step (50 MB at width 2048)."
     )
     write_section("Head training: seeds together", body)
 

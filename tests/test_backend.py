@@ -209,8 +209,9 @@ except BackendMissingError as exc:
     done = run_python(code, "jax", tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == (
-        "the study's and tune's head trainer (seeds together) runs in TensorFlow under every Keras backend, "
-        "and TensorFlow is not importable: add '.[cpu]' or '.[gpu]' to '.[jax]'")
+        "the study's and tune's head trainer (seeds together) draws Keras' dropout masks and shuffle orders "
+        "with TensorFlow under every Keras backend, and TensorFlow is not importable: add '.[cpu]' or "
+        "'.[gpu]' to '.[jax]'")
 
 
 @jax_lane_only

@@ -5,8 +5,9 @@ and the other way round. What is not neutral lives here, one function per concer
 implementation per backend: determinism (`make_deterministic`), the precision of the
 backbone pass (`precision_scope`), the device the backend computes on. TensorFlow is
 imported only on the TensorFlow path, JAX only on the JAX path, with one exception: the
-seeds-together head trainer is written in TensorFlow under every backend
-(`tensorflow_for_heads`), which is why every install has TensorFlow (`.[cpu]` or `.[gpu]`).
+seeds-together head trainer draws each seed's dropout masks and shuffle order with
+TensorFlow under every backend (`tensorflow_for_heads`), which is why every install has
+TensorFlow (`.[cpu]` or `.[gpu]`).
 
 Which backend is active is Keras' decision (KERAS_BACKEND, else `backend` in
 $KERAS_HOME/keras.json, else TensorFlow); `configured_backend` reads it the same way without
@@ -124,17 +125,18 @@ def make_deterministic(seed: int) -> None:
 
 
 def tensorflow_for_heads():
-    """TensorFlow, as the engine of the seeds-together head trainer (model/seed_heads.py),
-    which is written in TensorFlow whatever the Keras backend. Under another backend
-    (JAX on a GPU) TensorFlow gets no GPU: it would take the GPU's memory from the backend
-    that runs the backbone; the heads are small, and train on the CPU's cores.
+    """TensorFlow, as the seeds-together head trainer (model/seed_heads.py) uses it under
+    every Keras backend: it draws each seed's dropout masks and shuffle order as Keras'
+    TensorFlow backend does. Under another backend (JAX on a GPU) TensorFlow gets no GPU:
+    it would take the GPU's memory from the backend that runs the backbone.
     BackendMissingError (one line) where TensorFlow is not installed."""
     try:
         import tensorflow as tf
     except ImportError:
         raise BackendMissingError(
-            "the study's and tune's head trainer (seeds together) runs in TensorFlow under every Keras "
-            "backend, and TensorFlow is not importable: add '.[cpu]' or '.[gpu]' to '.[jax]'") from None
+            "the study's and tune's head trainer (seeds together) draws Keras' dropout masks and shuffle "
+            "orders with TensorFlow under every Keras backend, and TensorFlow is not importable: add "
+            "'.[cpu]' or '.[gpu]' to '.[jax]'") from None
 
     if backend_name() != "tensorflow":
         try:

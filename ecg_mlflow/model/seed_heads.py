@@ -2,13 +2,17 @@
 
 `train_head` fits one head with Keras' `fit`; at batch 16 every step is mostly Keras'
 overhead and its unfused Adam (about ten elementwise passes over each 2048 x 1024
-kernel). Here one TensorFlow graph holds one step of every seed: each seed's forward
-pass, gradient and Adam update sit in their own `tf.cond` branch, so the executor runs
-the seeds side by side on the CPU's cores and a seed that has no batch (it stopped early,
-or its epoch is shorter) costs nothing. Adam runs in TensorFlow's fused kernel (one pass
-per variable; Keras' unfused update took about 3x as long, an XLA-fused one 2x). The matmuls are per seed (2-D, oneDNN):
-on this CPU a stacked [S, 16, 2048] x [S, 2048, 1024] BatchMatMul took 35 ms against
-15 ms for ten 2-D matmuls in one graph, and XLA's CPU dot was slower still.
+kernel). Here each seed's step is a handful of Numba loops on both cores
+(model/head_kernels.py): the forward pass, and per dense layer the input gradient and
+one loop that forms the weight gradient and applies Adam in the same pass over kernel
+and moments. The step is bound by memory (the first kernel and its moments, 50 MB at
+width 2048, are read and written every step), and this crosses it the fewest times
+Adam allows. Seeds take turns epoch by
+epoch (one seed's whole epoch, then the next's), so every epoch ends with a report of
+all seeds that trained it, and a seed that stopped early costs nothing more. (A
+TensorFlow graph with every seed's step side by side and Adam in TensorFlow's fused
+kernel came before this: its matmuls at these shapes ran at half OpenBLAS' speed, and
+its gradient and update were two passes over memory.)
 
 Every seed stays an independent replicate with the randomness `train_head` gives it:
 
@@ -24,12 +28,13 @@ Every seed stays an independent replicate with the randomness `train_head` gives
 
 How close to `train_head` (tests/test_seed_heads.py): the batches and masks are the same,
 the arithmetic is not bitwise. Reductions run in another order (a full-batch validation
-pass instead of Keras' batches of 16, oneDNN matmuls in another graph), so values differ
-in the last float32 digits (~1e-7 relative per step). Training amplifies that slowly:
-the curves agree to within CURVE_TOLERANCE over the first epochs and the trained heads
-give the same test labels; over many epochs the difference can grow as it does between
-any two float orders of the same computation. A seed whose validation loss ties its best
-to the last digit could therefore stop one epoch apart from `train_head`.
+pass instead of Keras' batches of 16, the weight gradient summed row by row instead of
+in a oneDNN matmul), so values differ in the last float32 digits (~1e-7 relative per
+step). Training amplifies that slowly: the curves agree to within CURVE_TOLERANCE over
+the first epochs and the trained heads give the same test labels; over many epochs the
+difference can grow as it does between any two float orders of the same computation. A
+seed whose validation loss ties its best to the last digit could therefore stop one
+epoch apart from `train_head`.
 """
 
 from __future__ import annotations
@@ -65,14 +70,14 @@ class SeedRows:
 
 @dataclass
 class _Seed:
-    """Everything one seed owns while training: its head, variables, slots and curves."""
+    """Everything one seed owns while training: its head, weights, Adam slots and curves."""
 
     rows: SeedRows
     head: object  # the Keras head train_head would start from
-    variables: list
-    momenta: list
-    velocities: list
-    dropout_seeds: list[int]
+    weights: list[np.ndarray]  # kernel, bias per dense layer: the head's get_weights()
+    momenta: list[np.ndarray]
+    velocities: list[np.ndarray]
+    dropout_seeds: np.ndarray
     orders: Iterator[np.ndarray]
     history: HeadHistory
     steps: int = 0  # Adam iterations and dropout draws so far
@@ -108,30 +113,20 @@ def train_seed_heads(
     """
     from ecg_mlflow.model.backend import tensorflow_for_heads
 
-    tf = tensorflow_for_heads()
     if len({s.seed for s in seeds}) != len(seeds):
         raise ValueError(f"seeds must be distinct, got {[s.seed for s in seeds]}")
-    tf.config.experimental.enable_op_determinism()
-    states = [_start_seed(rows, features.shape[1], config, shuffle) for rows in seeds]
-    x = tf.constant(features, tf.float32)
-    y = tf.constant(labels, tf.float32)
-    step = _build_step(states, x, y, config)
-    validate = _build_validation(states, x, y)
+    tf = tensorflow_for_heads()  # Keras' shuffle orders and dropout masks, whatever the backend
+    x = np.ascontiguousarray(features, np.float32)
+    y = np.ascontiguousarray(labels, np.float32)
+    states = [_start_seed(rows, x.shape[1], config, shuffle) for rows in seeds]
+    masks = _build_dropout_masks(tf, config)
     for epoch in range(1, config.max_epochs + 1):
-        live = [index for index, state in enumerate(states) if state.active]
+        live = [state for state in states if state.active]
         if not live:
             break
-        sums = _run_epoch(states, step, config.batch_size)
-        val_loss, val_accuracy = (t.numpy() for t in validate(tf.constant([s.active for s in states])))
         logs_by_seed = {}
-        for index in live:
-            state = states[index]
-            logs = {
-                "loss": float(sums[index][0] / len(state.rows.train)),
-                "accuracy": float(sums[index][1] / len(state.rows.train)),
-                "val_loss": float(val_loss[index]),
-                "val_accuracy": float(val_accuracy[index]),
-            }
+        for state in live:
+            logs = _train_epoch(state, x, y, config, masks) | _validate(state, x, y)
             _record_epoch(state, logs)
             logs_by_seed[state.rows.seed] = logs
             state.active = not _should_stop(state, epoch, config.patience)
@@ -144,19 +139,19 @@ def _start_seed(rows: SeedRows, feature_dim: int, config: HeadConfig, shuffle: b
     """Seed the way train_head does, then take the head's initial weights, its dropout
     layers' seeds and Keras' shuffle order from the very objects `fit` would use."""
     import keras
-    import tensorflow as tf
 
     if len(rows.train) == 0 or len(rows.val) == 0:
         raise ValueError(f"seed {rows.seed}: needs training and validation rows")
     keras.utils.set_random_seed(rows.seed)
     head = build_head(feature_dim, config.dense_units, config.dropout)
-    variables = [tf.Variable(w, dtype=tf.float32) for w in head.get_weights()]
-    dropout_seeds = [_layer_seed(layer) for layer in head.layers if isinstance(layer, keras.layers.Dropout)]
+    weights = [np.array(w, np.float32) for w in head.get_weights()]
+    dropout_seeds = np.array([_layer_seed(layer) for layer in head.layers
+                              if isinstance(layer, keras.layers.Dropout)], np.int64)
     orders = _keras_epoch_orders(len(rows.train), config.batch_size, shuffle, config.max_epochs)
     return _Seed(
-        rows=rows, head=head, variables=variables,
-        momenta=[tf.Variable(tf.zeros_like(v)) for v in variables],
-        velocities=[tf.Variable(tf.zeros_like(v)) for v in variables],
+        rows=rows, head=head, weights=weights,
+        momenta=[np.zeros_like(w) for w in weights],
+        velocities=[np.zeros_like(w) for w in weights],
         dropout_seeds=dropout_seeds, orders=orders, history=HeadHistory(),
     )
 
@@ -182,10 +177,11 @@ def _keras_epoch_orders(n: int, batch_size: int, shuffle: bool, max_epochs: int)
 
     if not shuffle:
         return itertools.repeat(np.arange(n))
-    dataset = ArrayDataAdapter(np.arange(n), batch_size=batch_size, shuffle=True).get_tf_dataset()
+    batches = ArrayDataAdapter(np.arange(n), batch_size=batch_size, shuffle=True).get_tf_dataset()
+    epoch = batches.unbatch().batch(n)  # the same order in one piece (a batch each cost 10 ms)
 
     def draw() -> np.ndarray:
-        return np.concatenate([batch.numpy() for batch in dataset])
+        return next(iter(epoch)).numpy()
 
     first, second = draw(), draw()
     if np.array_equal(first, second):
@@ -193,126 +189,121 @@ def _keras_epoch_orders(n: int, batch_size: int, shuffle: bool, max_epochs: int)
     return iter([first, second] + [draw() for _ in range(max_epochs - 2)])
 
 
-def _build_step(states: list[_Seed], x, y, config: HeadConfig):
-    """One training step of every seed in one graph; a seed's branch runs only if it has
-    a batch. Returns per seed the batch's summed loss and number of correct rows.
-
-    The seed's step is one tf.function taking its variables as arguments, so it is traced
-    once for all seeds (tracing it per seed took longer than an epoch of ten seeds)."""
-    import tensorflow as tf
-
-    rate = float(config.dropout)
-    n_hidden = len(config.dense_units)
-    lr = tf.constant(config.learning_rate, tf.float32)
-
-    @tf.function(autograph=False)  # plain Python loops over layers; nothing to convert
-    def seed_step(rows, step, dropout_seeds, kernels, momenta, velocities):
-        batch_x, batch_y = tf.gather(x, rows), tf.gather(y, rows)
-        with tf.GradientTape() as tape:
-            h = batch_x
-            for layer in range(n_hidden):
-                h = tf.nn.relu(tf.matmul(h, kernels[2 * layer]) + kernels[2 * layer + 1])
-                if rate > 0:
-                    h = tf.nn.experimental.stateless_dropout(
-                        h, rate=rate, seed=_dropout_seed(dropout_seeds[layer], step))
-            logits = tf.matmul(h, kernels[-2]) + kernels[-1]
-            loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(batch_y, logits))
-        grads = tape.gradient(loss, kernels)
-        t = tf.cast(step + 1, tf.float32)  # Keras: beta ** (iterations + 1), in float32
-        powers = (tf.pow(tf.constant(ADAM_BETA_1, tf.float32), t), tf.pow(tf.constant(ADAM_BETA_2, tf.float32), t))
-        for variable, m, v, g in zip(kernels, momenta, velocities, grads):
-            _adam_update(variable, m, v, g, *powers, lr)
-        correct = tf.reduce_sum(tf.cast(
-            tf.equal(tf.argmax(tf.nn.softmax(logits), 1), tf.argmax(batch_y, 1)), tf.float32))
-        n = tf.cast(tf.shape(rows)[0], tf.float32)
-        return tf.stack([loss * n, correct])
-
-    signature = ([tf.TensorSpec([None], tf.int32)] * len(states), tf.TensorSpec([len(states)], tf.bool),
-                 tf.TensorSpec([len(states)], tf.int64))
+def _build_dropout_masks(tf, config: HeadConfig) -> Callable[[np.ndarray, int, int], list[np.ndarray]]:
+    """masks(layer seeds, first step, steps): per hidden layer, [steps, batch_size, width]
+    factors Keras' Dropout applies at those steps (1 / (1 - rate) where kept, 0 where
+    dropped): its own stateless_dropout, applied to ones; none at rate 0, where Keras
+    draws nothing. One call per seed and epoch (a call per step cost as much as the step).
+    A partial batch's mask is the first rows of a full one's: a stateless draw's stream
+    does not depend on the shape asked for."""
+    if config.dropout <= 0:
+        return lambda layer_seeds, first, steps: []
+    rate, units, batch = float(config.dropout), config.dense_units, config.batch_size
+    signature = (tf.TensorSpec([len(units)], tf.int64), tf.TensorSpec([None], tf.int64))
 
     @tf.function(input_signature=signature, autograph=False)
-    def step(rows, active, steps):
-        outs = []
-        for index, state in enumerate(states):
-            def train(state=state, index=index):
-                return seed_step(rows[index], steps[index], tf.constant(state.dropout_seeds, tf.int64),
-                                 state.variables, state.momenta, state.velocities)
-            outs.append(tf.cond(active[index], train, lambda: tf.zeros([2])))
-        return tf.stack(outs)
+    def draw(layer_seeds, steps):
+        return [tf.map_fn(lambda step, layer=layer, width=width: tf.nn.experimental.stateless_dropout(
+            tf.ones([batch, width]), rate=rate, seed=_dropout_seed(tf, layer_seeds[layer], step)),
+            steps, fn_output_signature=tf.float32) for layer, width in enumerate(units)]
 
-    return step
+    return lambda layer_seeds, first, steps: [m.numpy() for m in draw(layer_seeds, np.arange(first, first + steps))]
 
 
-def _adam_update(variable, m, v, gradient, beta_1_power, beta_2_power, lr) -> None:
-    """Keras' Adam.update_step in TensorFlow's fused kernel (one multithreaded pass over
-    variable, m and v instead of Keras' ten). The formula is Keras', term for term; the
-    kernel forms 1 - beta in float32, which differs from Keras' float64-then-float32 by
-    2e-7 (beta_1) and 1.3e-5 (beta_2) relative, i.e. ~1e-9 per weight per step."""
-    import tensorflow as tf
-
-    tf.raw_ops.ResourceApplyAdam(
-        var=variable.handle, m=m.handle, v=v.handle, beta1_power=beta_1_power,
-        beta2_power=beta_2_power, lr=lr, beta1=tf.constant(ADAM_BETA_1, tf.float32),
-        beta2=tf.constant(ADAM_BETA_2, tf.float32), epsilon=tf.constant(ADAM_EPSILON, tf.float32),
-        grad=gradient,
-    )
-
-
-def _dropout_seed(layer_seed, step):
+def _dropout_seed(tf, layer_seed, step):
     """The int32 seed Keras' Dropout passes to stateless_dropout at `step`."""
-    import tensorflow as tf
-
     state = tf.stack([layer_seed, step])
     return tf.cast(tf.math.floormod(state, INT32_SEED_MODULUS), tf.int32)
 
 
-def _build_validation(states: list[_Seed], x, y):
-    """Validation loss and accuracy of every active seed, inference mode (no dropout);
-    like the step, one traced function serves every seed."""
-    import tensorflow as tf
-
-    @tf.function(autograph=False)
-    def evaluate(rows, kernels):
-        h = tf.gather(x, rows)
-        for layer in range(len(kernels) // 2 - 1):
-            h = tf.nn.relu(tf.matmul(h, kernels[2 * layer]) + kernels[2 * layer + 1])
-        logits = tf.matmul(h, kernels[-2]) + kernels[-1]
-        truth = tf.gather(y, rows)
-        loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(truth, logits))
-        hits = tf.equal(tf.argmax(tf.nn.softmax(logits), 1), tf.argmax(truth, 1))
-        return tf.stack([loss, tf.reduce_mean(tf.cast(hits, tf.float32))])
-
-    rows = [tf.constant(s.rows.val, tf.int32) for s in states]
-
-    @tf.function(input_signature=(tf.TensorSpec([len(states)], tf.bool),), autograph=False)
-    def validate(active):
-        outs = tf.stack([
-            tf.cond(active[i], lambda i=i, s=s: evaluate(rows[i], s.variables), lambda: tf.zeros([2]))
-            for i, s in enumerate(states)
-        ])
-        return outs[:, 0], outs[:, 1]
-
-    return validate
+def _train_epoch(state: _Seed, x: np.ndarray, y: np.ndarray, config: HeadConfig, masks) -> dict[str, float]:
+    """One epoch of one seed, batch by batch in its Keras order: the epoch's mean loss
+    and accuracy, as Keras' fit logs them."""
+    order = state.rows.train[next(state.orders)]
+    starts = range(0, len(order), config.batch_size)
+    epoch_masks = masks(state.dropout_seeds, state.steps, len(starts))
+    loss_sum = correct = 0.0
+    for index, start in enumerate(starts):
+        rows = order[start:start + config.batch_size]
+        batch_masks = [m[index, :len(rows)] for m in epoch_masks]
+        batch_loss, batch_correct = _train_step(state, x[rows], y[rows], batch_masks, config.learning_rate)
+        loss_sum += batch_loss * len(rows)
+        correct += batch_correct
+        state.steps += 1
+    return {"loss": loss_sum / len(order), "accuracy": correct / len(order)}
 
 
-def _run_epoch(states: list[_Seed], step, batch_size: int) -> np.ndarray:
-    """One epoch of every active seed: step k trains each seed that has a k-th batch.
-    Returns per seed (summed loss, correct rows) over its epoch."""
-    import tensorflow as tf
+def _train_step(state: _Seed, batch_x: np.ndarray, batch_y: np.ndarray, masks: list, learning_rate: float):
+    """One Adam step of one seed: forward with its dropout masks, backward, and each
+    layer's update fused with its weight gradient (model/head_kernels.py). Returns the
+    batch's mean loss and number of correct rows."""
+    from ecg_mlflow.model.head_kernels import bias_step, dense_step, input_gradient
 
-    orders = [s.rows.train[next(s.orders)] if s.active else None for s in states]
-    n_steps = max(-(-len(o) // batch_size) for o in orders if o is not None)
-    sums = np.zeros((len(states), 2))
-    empty = tf.zeros([0], tf.int32)
-    for k in range(n_steps):
-        batches = [o[k * batch_size:(k + 1) * batch_size] if o is not None else () for o in orders]
-        active = [len(b) > 0 for b in batches]
-        out = step([tf.constant(b, tf.int32) if len(b) else empty for b in batches],
-                   tf.constant(active), tf.constant([s.steps for s in states], tf.int64))
-        sums += out.numpy()
-        for state, moved in zip(states, active):
-            state.steps += int(moved)
-    return sums
+    weights = state.weights
+    n_layers = len(weights) // 2
+    inputs, pre_activations = [batch_x], []
+    h = batch_x
+    for layer in range(n_layers - 1):
+        z = _dense(h, weights[2 * layer], weights[2 * layer + 1])
+        pre_activations.append(z)
+        h = np.maximum(z, 0)
+        if masks:
+            h = h * masks[layer]
+        inputs.append(h)
+    probabilities, losses = _softmax_cross_entropy(_dense(h, weights[-2], weights[-1]), batch_y)
+    grad = (probabilities - batch_y) / np.float32(len(batch_y))
+    adam = _adam_scalars(learning_rate, state.steps)
+    for layer in reversed(range(n_layers)):
+        kernel, bias = 2 * layer, 2 * layer + 1
+        if layer:
+            below = np.empty((len(grad), weights[kernel].shape[0]), np.float32)
+            input_gradient(grad, weights[kernel], below)  # with the kernel before its update
+        dense_step(np.ascontiguousarray(inputs[layer].T), grad, weights[kernel],
+                   state.momenta[kernel], state.velocities[kernel], *adam)
+        bias_step(grad, weights[bias], state.momenta[bias], state.velocities[bias], *adam)
+        if layer:
+            below = below * masks[layer - 1] if masks else below
+            grad = below * (pre_activations[layer - 1] > 0)
+    hits = probabilities.argmax(1) == batch_y.argmax(1)
+    return float(losses.mean()), float(hits.sum())
+
+
+def _dense(inputs: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    from ecg_mlflow.model.head_kernels import dense_forward
+
+    out = np.empty((len(inputs), kernel.shape[1]), np.float32)
+    dense_forward(np.ascontiguousarray(inputs), kernel, bias, out)
+    return out
+
+
+def _softmax_cross_entropy(logits: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and per-row cross-entropy, in float32 from the logits."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    total = exp.sum(axis=1, keepdims=True)
+    return exp / total, np.log(total[:, 0]) - (truth * shifted).sum(axis=1)
+
+
+def _adam_scalars(learning_rate: float, steps: int) -> tuple[np.float32, ...]:
+    """Keras' Adam at iteration `steps`, in float32 as it forms them: alpha (the learning
+    rate with both bias corrections), 1 - beta_1, 1 - beta_2 and epsilon."""
+    f32 = np.float32
+    t = f32(steps + 1)
+    beta_1_power, beta_2_power = f32(ADAM_BETA_1) ** t, f32(ADAM_BETA_2) ** t
+    alpha = f32(learning_rate) * np.sqrt(f32(1) - beta_2_power) / (f32(1) - beta_1_power)
+    return f32(alpha), f32(1 - ADAM_BETA_1), f32(1 - ADAM_BETA_2), f32(ADAM_EPSILON)
+
+
+def _validate(state: _Seed, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Validation loss and accuracy of one seed's head, inference mode (no dropout)."""
+    weights = state.weights
+    h = x[state.rows.val]
+    for layer in range(len(weights) // 2 - 1):
+        h = np.maximum(_dense(h, weights[2 * layer], weights[2 * layer + 1]), 0)
+    truth = y[state.rows.val]
+    probabilities, losses = _softmax_cross_entropy(_dense(h, weights[-2], weights[-1]), truth)
+    hits = probabilities.argmax(1) == truth.argmax(1)
+    return {"val_loss": float(losses.mean()), "val_accuracy": float(hits.mean())}
 
 
 def _record_epoch(state: _Seed, logs: dict[str, float]) -> None:
@@ -329,7 +320,7 @@ def _should_stop(state: _Seed, epoch: int, patience: int) -> bool:
     state.wait += 1
     if state.best_loss is None or current < state.best_loss:
         state.best_loss = current
-        state.best_weights = [v.numpy() for v in state.variables]
+        state.best_weights = [w.copy() for w in state.weights]
         state.wait = 0
         return False
     return state.wait >= patience and epoch > 1
