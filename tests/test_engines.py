@@ -177,6 +177,40 @@ def test_keras_bf16_features_are_bf16_and_the_whole_model_serves_them(real_sampl
     assert check_model_matches_head(runner, head, pixels, features) <= EQUALITY_TOLERANCE
 
 
+def test_a_backbones_seeds_share_its_openvino_pass_on_the_check_images(real_sample, keras_features, monkeypatch):
+    """Every seed of a backbone checks its whole model on the same read-only test images:
+    the compiled backbone runs on them once, and each seed's check is its own head on those
+    features, equal to a fresh pass; a writeable batch (a request) runs the backbone."""
+    import keras
+
+    from ecg_mlflow.model.head import build_head
+    from ecg_mlflow.model.whole_model import EQUALITY_TOLERANCE, assemble_model, check_model_matches_head
+
+    config = parse_train_config(arch=FEATURE_ARCH, weights="imagenet", image_height="64", image_width="128",
+                                engine="openvino", precision="fp32")
+    heads = []
+    for seed in (1, 2):
+        keras.utils.set_random_seed(seed)
+        heads.append(build_head(keras_features.shape[1], (16,), 0.2))
+    runners = [whole_model_runner(assemble_model(config, head), "openvino", "fp32") for head in heads]
+    backbone = runners[0].backbone
+    assert runners[1].backbone is backbone  # one compilation per extractor
+    passes = []
+    run_backbone = backbone.predict_on_batch
+    monkeypatch.setattr(backbone, "predict_on_batch", lambda batch: passes.append(len(batch)) or run_backbone(batch))
+    pixels = load_batch([real_sample[sha] for sha in sorted(real_sample)], 64, 128)
+    pixels.flags.writeable = False
+    for runner, head in zip(runners, heads):
+        assert check_model_matches_head(runner, head, pixels, keras_features) <= EQUALITY_TOLERANCE
+    assert sum(passes) == len(pixels)  # the first seed's check ran the backbone, the second's did not
+    kept = [runner.predict(pixels) for runner in runners]
+    fresh = [runner.predict(pixels.copy()) for runner in runners]
+    assert sum(passes) == 3 * len(pixels)
+    for a, b in zip(kept, fresh):
+        np.testing.assert_array_equal(a, b)
+    assert np.abs(kept[0] - kept[1]).max() > 1e-3  # each its own head
+
+
 @pytest.fixture(scope="module")
 def promoted(tmp_path_factory):
     """Two real runs with engine=openvino, the first promoted through the CLI."""

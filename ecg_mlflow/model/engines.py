@@ -19,6 +19,7 @@ This module imports nothing else of ecg_mlflow: the served model ships it (SERVE
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import warnings
@@ -217,9 +218,20 @@ def split_whole_model(model):
     return inner[0], inner[1]
 
 
+_BACKBONE_OUTPUTS: OrderedDict[tuple[int, int, int], tuple[object, np.ndarray, list]] = OrderedDict()
+_BACKBONE_OUTPUTS_LOCK = threading.Lock()
+BACKBONE_OUTPUTS_CACHE_SIZE = 8
+
+
 class WholeModelRunner:
     """The whole model run by an engine: Keras end to end, or the backbone through OpenVINO and
-    the head in Keras. `predict_on_batch` takes RGB 0..255 pixels, returns probabilities."""
+    the head in Keras. `predict_on_batch` takes RGB 0..255 pixels, returns probabilities.
+
+    With OpenVINO, `predict` keeps the compiled backbone's features of a read-only batch
+    (per compiled backbone and batch object): training checks every seed's model on the
+    same read-only test images and probe, so a backbone's seeds run it on them once, and
+    each seed's check runs its own head on those features. Requests arrive writeable and
+    always run the backbone."""
 
     def __init__(self, model, choice: EngineChoice):
         self.choice = choice
@@ -233,13 +245,31 @@ class WholeModelRunner:
     def predict_on_batch(self, pixels: np.ndarray) -> np.ndarray:
         if self.backbone is None:
             return np.asarray(self.model.predict_on_batch(pixels))
-        features = self.backbone.predict_on_batch(pixels)
+        return self._head(self.backbone.predict_on_batch(pixels))
+
+    def predict(self, pixels: np.ndarray, batch_size: int = 8) -> np.ndarray:
+        if self.backbone is None or pixels.flags.writeable:
+            out = [self.predict_on_batch(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
+        else:
+            out = [self._head(features) for features in self._kept_features(pixels, batch_size)]
+        return np.concatenate(out)
+
+    def _head(self, features) -> np.ndarray:
         features = features[0] if isinstance(features, list) else features
         return np.asarray(self.head.predict_on_batch(features))
 
-    def predict(self, pixels: np.ndarray, batch_size: int = 8) -> np.ndarray:
-        out = [self.predict_on_batch(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
-        return np.concatenate(out)
+    def _kept_features(self, pixels: np.ndarray, batch_size: int) -> list:
+        key = (id(self.backbone), id(pixels), batch_size)
+        with _BACKBONE_OUTPUTS_LOCK:
+            found = _BACKBONE_OUTPUTS.get(key)
+            if found is not None and found[0] is self.backbone and found[1] is pixels:
+                return found[2]
+        features = [self.backbone.predict_on_batch(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
+        with _BACKBONE_OUTPUTS_LOCK:  # the backbone and batch are kept so their ids stay theirs
+            _BACKBONE_OUTPUTS[key] = (self.backbone, pixels, features)
+            while len(_BACKBONE_OUTPUTS) > BACKBONE_OUTPUTS_CACHE_SIZE:
+                _BACKBONE_OUTPUTS.popitem(last=False)
+        return features
 
 
 def whole_model_runner(model, engine: str, precision: str, *, allow_fallback: bool = False) -> WholeModelRunner:
@@ -249,8 +279,11 @@ def whole_model_runner(model, engine: str, precision: str, *, allow_fallback: bo
     return WholeModelRunner(model, choice)
 
 
+@functools.lru_cache(maxsize=4)
 def probe_pixels(height: int, width: int) -> np.ndarray:
     """Fixed pseudo-random RGB images (PROBE_SEED): the input on which a served model's
-    engine is compared with the recorded engine's output."""
+    engine is compared with the recorded engine's output. One read-only array per size."""
     rng = np.random.default_rng(PROBE_SEED)
-    return rng.integers(0, 256, (PROBE_IMAGES, height, width, 3), dtype=np.uint8).astype(np.float32)
+    pixels = rng.integers(0, 256, (PROBE_IMAGES, height, width, 3), dtype=np.uint8).astype(np.float32)
+    pixels.flags.writeable = False
+    return pixels
