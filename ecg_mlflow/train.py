@@ -153,11 +153,12 @@ def log_run_outcome(run: PreparedRun, trained: TrainedHead, *, progress: bool = 
     import mlflow
 
     from ecg_mlflow.model.evaluation import evaluate
+    from ecg_mlflow.model.head import head_probabilities
 
     run_id = _require_active_run("log_run_outcome")
     config, data, split, history = run.config, run.data, run.split, trained.history
     _log_curves(run_id, history)
-    probabilities = {s: np.asarray(trained.head.predict(data.x(s), verbose=0)) for s in schema.EVAL_SPLITS}
+    probabilities = {s: head_probabilities(trained.head, data.x(s)) for s in schema.EVAL_SPLITS}
     labels = {s: data.labels(s) for s in schema.EVAL_SPLITS}
     metrics = {**evaluate("test", labels["test"], probabilities["test"]),
                **evaluate("val", labels["val"], probabilities["val"])}

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ecg_mlflow.model.head import HeadConfig, build_head, one_hot, train_head
+import pytest
+
+from ecg_mlflow.model.head import HeadConfig, build_head, head_probabilities, one_hot, train_head
 
 
 def _blobs(seed: int, n_train: int = 80, n_val: int = 40, dim: int = 16):
@@ -52,3 +54,24 @@ def test_same_seed_same_head_different_seed_differs():
 
 def test_one_hot_follows_canonical_class_order():
     np.testing.assert_array_equal(one_hot(["NORM", "MI"]), [[0, 0, 0, 1], [1, 0, 0, 0]])
+
+
+def test_head_probabilities_are_keras_predict_of_the_trained_head():
+    """The NumPy forward the runs' metrics use is Keras' predict, to float32 rounding
+    (dropout off at inference), on a trained head with two hidden layers."""
+    x, y, xv, yv = _blobs(1)
+    config = HeadConfig(dense_units=(32, 16), dropout=0.3, learning_rate=1e-2, max_epochs=5, patience=5)
+    head, _ = train_head(x, y, xv, yv, config, seed=2)
+    expected = head.predict(xv, verbose=0)
+    np.testing.assert_allclose(head_probabilities(head, xv), expected, atol=1e-6, rtol=0)
+    assert head_probabilities(head, xv).dtype == np.float32
+
+
+def test_head_probabilities_refuse_a_head_they_cannot_compute():
+    import keras
+
+    inputs = keras.Input(shape=(8,))
+    hidden = keras.layers.Dense(4, activation="tanh", name="tanh_dense")(inputs)
+    odd = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(hidden), name="odd")
+    with pytest.raises(ValueError, match="odd: layer tanh_dense is not a ReLU Dense or a Dropout layer"):
+        head_probabilities(odd, np.zeros((2, 8), np.float32))

@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 
 from ecg_mlflow.model import regions
+from ecg_mlflow.model.head import head_layers, softmax
 
 OCCLUSION_FILL = 128
 """Grey (RGB 128) that occlusion paints over a region: a neutral value, but a grey block is
@@ -90,25 +91,6 @@ def build_maps_model(extractor):
     return keras.Model(inputs, [maps, pool(maps)], name=f"{extractor.name}_maps")
 
 
-def _head_layers(head) -> tuple[list[tuple[np.ndarray, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
-    """The head's weights as (kernel, bias) of its ReLU Dense layers, and of the softmax
-    Dense layer that ends it (Dropout is the identity at inference); ExplainError for any
-    other layer, since the Jacobian below is exact for this stack only."""
-    import keras
-
-    *hidden, last = _non_input(head.layers)
-    if not isinstance(last, keras.layers.Dense) or last.activation is not keras.activations.softmax:
-        raise ExplainError(f"{head.name}: the head must end in a softmax Dense layer")
-    dense = []
-    for layer in hidden:
-        if isinstance(layer, keras.layers.Dropout):
-            continue
-        if not isinstance(layer, keras.layers.Dense) or layer.activation is not keras.activations.relu:
-            raise ExplainError(f"{head.name}: layer {layer.name} is not a ReLU Dense or a Dropout layer")
-        dense.append(tuple(np.asarray(w, np.float32) for w in layer.get_weights()))
-    return dense, tuple(np.asarray(w, np.float32) for w in last.get_weights())
-
-
 def head_gradients(head, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(n, classes, k) gradients d logit_c / d f_k at each image's features, and the (n,
     classes) probabilities. Costs a head pass and its Jacobian: no backbone.
@@ -117,20 +99,24 @@ def head_gradients(head, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     head is ReLU Dense layers, then logits W x + b, so each image's Jacobian is the
     product of the kernels with the ReLU's on/off pattern of that image (the gradient
     TensorFlow and JAX give ReLU, 0 at exactly 0). Images are independent in the head (no
-    BatchNorm, dropout off), so a batch is every image's own Jacobian at once."""
-    dense, (kernel, bias) = _head_layers(head)
+    BatchNorm, dropout off), so a batch is every image's own Jacobian at once: each layer
+    one (n * classes, units) matmul. ExplainError for a head of other layers."""
+    try:
+        dense, (kernel, bias) = head_layers(head)
+    except ValueError as exc:
+        raise ExplainError(str(exc)) from None
     x = np.asarray(features, np.float32)
     active = []
     for w, b in dense:
         z = x @ w + b
         active.append(z > 0)
         x = np.maximum(z, 0)
-    logits = x @ kernel + bias
-    gradients = np.broadcast_to(kernel.T, (len(x), *kernel.T.shape))  # (n, classes, units)
+    n, classes = len(x), kernel.shape[1]
+    gradients = np.broadcast_to(kernel.T, (n, classes, kernel.shape[0]))  # (n, classes, units)
     for (w, _), on in zip(reversed(dense), reversed(active)):
-        gradients = (gradients * on[:, None, :]) @ w.T
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return np.ascontiguousarray(gradients, np.float32), shifted / shifted.sum(axis=1, keepdims=True)
+        masked = (gradients * on[:, None, :]).reshape(n * classes, -1)
+        gradients = (masked @ w.T).reshape(n, classes, -1)
+    return np.ascontiguousarray(gradients, np.float32), softmax(x @ kernel + bias)
 
 
 def explain_pooled(head, features: np.ndarray, pooled_maps: np.ndarray) -> Explanation:
