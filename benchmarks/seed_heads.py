@@ -5,11 +5,13 @@ the paper's backbones (2048: ResNet-50, 1280: EfficientNetV2-S): `train_seed_hea
 (all seeds in one computation) against `train_head` per seed (Keras' fit), the paper's
 head (batch 16, up to 100 epochs, patience 5). Features are the real data's when
 `--cache-dir` holds a complete feature cache of ../shared/data/ecg-images for that
-backbone (weights=none, 512 x 1024), else random features of the real shapes
-(593 train / 148 validation per seed from 741 rows, 187 test rows) with the real
-class balance.
+backbone (512 x 1024, the entries of --weights and --engine), split as the paper does
+per seed, else random features of the real shapes (593 train / 148 validation per seed
+from 741 rows, 187 test rows) with the real class balance.
 
-    .venv/bin/python benchmarks/seed_heads.py --seeds 10
+    .venv/bin/python benchmarks/seed_heads.py --seeds 10 \
+        --archs resnet50,efficientnetv2s,efficientnetlite0 --weights imagenet --engine openvino \
+        --cache-dir DIR   # random features for the first two, the real data's for the Lite
 
 Prints a table and writes the "Head training: seeds together" section of docs/benchmarks.md.
 """
@@ -24,7 +26,7 @@ import numpy as np
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REAL_IMAGES = PROJECT_ROOT.parent / "shared" / "data" / "ecg-images"
-WIDTHS = {"resnet50": 2048, "efficientnetv2s": 1280}
+WIDTHS = {"resnet50": 2048, "efficientnetv2s": 1280, "efficientnetlite0": 1280, "efficientnetlite2": 1280}
 N_TRAIN, N_VAL, N_TEST = 593, 148, 187
 RANDOM_SEED = 0
 SPLIT_SEED = 42
@@ -36,12 +38,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--archs", default=",".join(WIDTHS))
     parser.add_argument("--max-epochs", type=int, default=100)
     parser.add_argument("--cache-dir", default="", help="a feature cache of the real data, if any")
+    parser.add_argument("--weights", default="none", help="the cache entries' weights (imagenet: the Lites)")
+    parser.add_argument("--engine", default="keras", help="the cache entries' engine")
     parser.add_argument("--data", default=str(REAL_IMAGES))
     parser.add_argument("--no-write", action="store_true", help="print only")
     return parser.parse_args()
 
 
-def cached_real_features(arch: str, data: str, cache_dir: str):
+def cached_real_features(arch: str, data: str, cache_dir: str, weights: str, engine: str):
     """(features, one-hot labels, train/val/test rows per seed) from a complete cache of
     the real data, or None when any image's features are missing."""
     from ecg_mlflow.config import PAPER_HEIGHT, PAPER_WIDTH
@@ -52,7 +56,7 @@ def cached_real_features(arch: str, data: str, cache_dir: str):
     if not cache_dir or not Path(data).is_dir():
         return None
     manifest = build_manifest(data, progress=False)
-    cache = FeatureCache(cache_dir, FeatureKey(arch, "none", PAPER_HEIGHT, PAPER_WIDTH, "none"))
+    cache = FeatureCache(cache_dir, FeatureKey(arch, weights, PAPER_HEIGHT, PAPER_WIDTH, "none", engine, "fp32"))
     rows = [cache.load(r.sha256) for r in manifest.records]
     if any(r is None for r in rows):
         return None
@@ -138,9 +142,10 @@ def main() -> None:
     config = HeadConfig(max_epochs=args.max_epochs)
     rows_out, sources = [], set()
     for arch in args.archs.split(","):
-        real = cached_real_features(arch, args.data, args.cache_dir)
+        real = cached_real_features(arch, args.data, args.cache_dir, args.weights, args.engine)
         features, labels = (real[1], real[2]) if real is not None else random_features(WIDTHS[arch])
-        sources.add("real (cached)" if real is not None else "random")
+        source = "real (cached)" if real is not None else "random"
+        sources.add(source)
         rows, test = seed_rows(args.seeds, real)
         print(f"{arch} ({features.shape[1]} wide): {args.seeds} seeds one after another ...", flush=True)
         alone_s, alone = one_after_another(features, labels, rows, config)
@@ -149,10 +154,11 @@ def main() -> None:
         print(f"{arch}: {joint_s:.1f} s", flush=True)
         same, diff, epochs = compare(features, test, alone, joint)
         trained = sum(h.stopped_epoch for _, h in alone.values())
-        rows_out.append([arch, features.shape[1], args.seeds, trained, f"{alone_s:.1f}", f"{joint_s:.1f}",
+        rows_out.append([arch, source, f"{len(rows[0].train)} / {len(rows[0].val)} / {len(test)}",
+                         features.shape[1], args.seeds, trained, f"{alone_s:.1f}", f"{joint_s:.1f}",
                          f"{alone_s / joint_s:.1f}x", f"{same:.1%}", f"{diff:.1g}",
                          f"{epochs}/{args.seeds}"])
-    header = ["features of", "width", "seeds", "epochs trained (all seeds)", "one after another: s",
+    header = ["features of", "features", "seed 1's train / val / test rows", "width", "seeds", "epochs trained (all seeds)", "one after another: s",
               "together: s", "speed-up", "same test labels", "max abs prob diff", "same stopped epoch"]
     table = markdown_table(header, rows_out)
     print(table)
@@ -161,8 +167,9 @@ def main() -> None:
     body = (
         f"`benchmarks/seed_heads.py --seeds {args.seeds} --max-epochs {args.max_epochs}`: the paper's "
         f"head (1024-512-4, dropout 0.2, Adam 1e-4, batch 16, patience 5) for seeds 1-{args.seeds} on "
-        f"{' and '.join(sorted(sources))} features ({N_TRAIN} train / {N_VAL} validation rows per seed, "
-        f"validation drawn per seed, {N_TEST} test rows), trained one after another with `train_head` "
+        f"{' and '.join(sorted(sources))} features (real: the cached {args.weights} / {args.engine} features "
+        "of the real data at 512 x 1024, split as the paper does per seed; random: Gaussian features of "
+        "the real shapes, validation drawn per seed), trained one after another with `train_head` "
         f"(Keras' fit, as studies did before) and all together with `train_seed_heads`, in one process. "
         f"Machine: {machine()}.\n\n{table}\n\n"
         "Both ways give every seed the same initial weights, shuffle order and dropout masks "

@@ -271,4 +271,6 @@ def test_cached_features_are_exactly_what_the_logged_model_computes(demo_set, tm
     head = build_head(1280, (16,), 0.2)
     pixels = np.stack([load_pixels(manifest.path_of(r), 96, 128) for r in records]).astype(np.float32)
     cached = np.stack([features[r.sha256] for r in records])
-    assert check_model_matches_head(assemble_model(config, head), head, pixels, cached) == 0.0
+    # Bit for bit: the logged model's Keras predict, and the same Keras head on the cache.
+    whole = assemble_model(config, head).predict(pixels, verbose=0)
+    np.testing.assert_array_equal(whole, head.predict(cached, verbose=0))

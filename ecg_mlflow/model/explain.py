@@ -24,7 +24,6 @@ from typing import Callable
 import numpy as np
 
 from ecg_mlflow.model import regions
-from ecg_mlflow.model.head import head_layers, softmax
 
 OCCLUSION_FILL = 128
 """Grey (RGB 128) that occlusion paints over a region: a neutral value, but a grey block is
@@ -89,6 +88,32 @@ def build_maps_model(extractor):
         x = layer(x)
     maps = conv(x)
     return keras.Model(inputs, [maps, pool(maps)], name=f"{extractor.name}_maps")
+
+
+def head_layers(head) -> tuple[list[tuple[np.ndarray, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
+    """The head's weights as (kernel, bias) of its ReLU Dense layers, and of the softmax
+    Dense layer that ends it (Dropout is the identity at inference); ValueError naming
+    any other layer, since the Jacobian below (and head.head_probabilities) are exact for
+    this stack only."""
+    import keras
+
+    *hidden, last = _non_input(head.layers)
+    if not isinstance(last, keras.layers.Dense) or last.activation is not keras.activations.softmax:
+        raise ValueError(f"{head.name}: the head must end in a softmax Dense layer")
+    dense = []
+    for layer in hidden:
+        if isinstance(layer, keras.layers.Dropout):
+            continue
+        if not isinstance(layer, keras.layers.Dense) or layer.activation is not keras.activations.relu:
+            raise ValueError(f"{head.name}: layer {layer.name} is not a ReLU Dense or a Dropout layer")
+        dense.append(tuple(np.asarray(w, np.float32) for w in layer.get_weights()))
+    return dense, tuple(np.asarray(w, np.float32) for w in last.get_weights())
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, shifted by each row's maximum (no overflow)."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def head_gradients(head, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

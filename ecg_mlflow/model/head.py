@@ -55,43 +55,20 @@ def build_head(feature_dim: int, dense_units: Sequence[int], dropout: float):
     return keras.Model(inputs, outputs, name="head")
 
 
-def head_layers(head) -> tuple[list[tuple[np.ndarray, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
-    """The head's weights as (kernel, bias) of its ReLU Dense layers, and of the softmax
-    Dense layer that ends it (Dropout is the identity at inference); ValueError naming
-    any other layer, since head_probabilities and the explanations' Jacobian are exact for
-    this stack only."""
-    import keras
-
-    *hidden, last = [layer for layer in head.layers if not isinstance(layer, keras.layers.InputLayer)]
-    if not isinstance(last, keras.layers.Dense) or last.activation is not keras.activations.softmax:
-        raise ValueError(f"{head.name}: the head must end in a softmax Dense layer")
-    dense = []
-    for layer in hidden:
-        if isinstance(layer, keras.layers.Dropout):
-            continue
-        if not isinstance(layer, keras.layers.Dense) or layer.activation is not keras.activations.relu:
-            raise ValueError(f"{head.name}: layer {layer.name} is not a ReLU Dense or a Dropout layer")
-        dense.append(tuple(np.asarray(w, np.float32) for w in layer.get_weights()))
-    return dense, tuple(np.asarray(w, np.float32) for w in last.get_weights())
-
-
 def head_probabilities(head, features: np.ndarray) -> np.ndarray:
     """The head's class probabilities at inference, in float32 NumPy from its weights.
 
     What Keras' predict computes (to float32 rounding), without it: predict traces a graph
     for every new head and input shape, about a second per run for a head's test and
-    validation sets, and this is the same under every Keras backend."""
+    validation sets, and this is the same under every Keras backend. ValueError for a head
+    of other layers (explain.head_layers)."""
+    from ecg_mlflow.model.explain import head_layers, softmax
+
     dense, (kernel, bias) = head_layers(head)
     x = np.asarray(features, np.float32)
     for w, b in dense:
         x = np.maximum(x @ w + b, 0)
     return softmax(x @ kernel + bias)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax, shifted by each row's maximum (no overflow)."""
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def one_hot(labels: Sequence[str]) -> np.ndarray:
