@@ -164,8 +164,13 @@ def main() -> None:
     print(table)
     if args.no_write:
         return
+    cache_args = "`"
+    if "real (cached)" in sources:
+        cache_args = (f" --weights {args.weights} --engine {args.engine} --cache-dir <cache>` (the cache: the one "
+                      "benchmarks/cold_study.py fills)")
     body = (
-        f"`benchmarks/seed_heads.py --seeds {args.seeds} --max-epochs {args.max_epochs}`: the paper's "
+        f"`benchmarks/seed_heads.py --seeds {args.seeds} --max-epochs {args.max_epochs} --archs {args.archs}"
+        f"{cache_args}: the paper's "
         f"head (1024-512-4, dropout 0.2, Adam 1e-4, batch 16, patience 5) for seeds 1-{args.seeds} on "
         f"{' and '.join(sorted(sources))} features (real: the cached {args.weights} / {args.engine} features "
         "of the real data at 512 x 1024, split as the paper does per seed; random: Gaussian features of "

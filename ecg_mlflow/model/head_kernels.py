@@ -1,4 +1,5 @@
-"""Keras' Adam step of one dense layer, fused with the layer's weight gradient (Numba).
+"""A head's training step in Numba: forward pass, input gradient, and Keras' Adam step of
+each dense layer fused with the layer's weight gradient (model/seed_heads.py runs them).
 
 At batch 16 a head's step is bound by memory, not arithmetic: its first kernel (2048 x
 1024, 8 MiB) and Adam's two moments of it are read and written every step, and TensorFlow
@@ -7,9 +8,10 @@ as two passes. Here one parallel loop over the kernel's rows computes each row's
 (the batch's outer product, in a buffer that stays in L1) and applies Adam to it at once,
 so kernel and moments cross memory once per step and the gradient never does.
 
-The arithmetic is Keras' Adam.update_step term for term in float32 (no fast-math, so no
-reassociation), with the learning rate already scaled by the bias corrections as Keras
-forms it; only the gradient's sum over the batch runs in another order than a matmul's.
+The update is Keras' Adam.update_step term for term in float32, with the learning rate
+already scaled by the bias corrections as Keras forms it. Sums run in other orders than
+a matmul's (the batch four rows at a time, the input gradient reassociated into SIMD
+lanes: fast-math there only), which moves results in the last float32 digits.
 """
 
 from __future__ import annotations
@@ -61,8 +63,7 @@ def dense_step(inputs_t, output_grad, kernel, m, v, alpha, one_minus_beta_1, one
     output_grad: [B, J] the loss' gradient at the layer's pre-activation;
     kernel, m, v: [I, J] float32;
     the scalars float32 (alpha = lr * sqrt(1 - b2^t) / (1 - b1^t), as Keras forms it).
-    A row's gradient sums the batch four rows at a time (its buffer is loaded and stored
-    a quarter as often).
+    A row's gradient sums the batch four rows at a time.
     """
     n_in, n_out = kernel.shape
     batch = output_grad.shape[0]

@@ -45,6 +45,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ecg_mlflow.model.head import HeadConfig, HeadHistory, build_head
+from ecg_mlflow.model.head_kernels import bias_step, dense_forward, dense_step, input_gradient
 
 ADAM_BETA_1 = 0.9  # Keras' Adam defaults, which train_head uses
 ADAM_BETA_2 = 0.999
@@ -237,8 +238,6 @@ def _train_step(state: _Seed, batch_x: np.ndarray, batch_y: np.ndarray, masks: l
     """One Adam step of one seed: forward with its dropout masks, backward, and each
     layer's update fused with its weight gradient (model/head_kernels.py). Returns the
     batch's mean loss and number of correct rows."""
-    from ecg_mlflow.model.head_kernels import bias_step, dense_step, input_gradient
-
     weights = state.weights
     n_layers = len(weights) // 2
     inputs, pre_activations = [batch_x], []
@@ -269,8 +268,6 @@ def _train_step(state: _Seed, batch_x: np.ndarray, batch_y: np.ndarray, masks: l
 
 
 def _dense(inputs: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    from ecg_mlflow.model.head_kernels import dense_forward
-
     out = np.empty((len(inputs), kernel.shape[1]), np.float32)
     dense_forward(np.ascontiguousarray(inputs), kernel, bias, out)
     return out
