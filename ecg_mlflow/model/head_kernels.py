@@ -6,7 +6,9 @@ At batch 16 a head's step is bound by memory, not arithmetic: its first kernel (
 runs the gradient (one matmul writing an 8 MiB gradient) and the update (reading it back)
 as two passes. Here one parallel loop over the kernel's rows computes each row's gradient
 (the batch's outer product, in a buffer that stays in L1) and applies Adam to it at once,
-so kernel and moments cross memory once per step and the gradient never does.
+so kernel and moments cross memory once per step and the gradient never does. Every
+loop is blocked four by four (four batch rows with four kernel rows), so each value
+loaded from memory feeds four products.
 
 The update is Keras' Adam.update_step term for term in float32, with the learning rate
 already scaled by the bias corrections as Keras forms it. Sums run in other orders than
@@ -26,8 +28,9 @@ FORWARD_BLOCK = 128  # output units per task of dense_forward (16 x 128 sums: 8 
 @njit(parallel=True, cache=True)
 def dense_forward(inputs, kernel, bias, out):
     """out = inputs @ kernel + bias, [B, I] x [I, J] -> [B, J]. Each task owns a block of
-    output units and streams the kernel's rows through it four at a time, so the sums
-    are loaded and stored a quarter as often as the kernel is read."""
+    output units and streams the kernel's rows through it four at a time, into four batch
+    rows' sums at once: every kernel value loaded feeds four sums, every sum loaded takes
+    four products. Each sum adds the same products in the same order as a row at a time."""
     batch, n_in = inputs.shape
     n_out = kernel.shape[1]
     for block in prange((n_out + FORWARD_BLOCK - 1) // FORWARD_BLOCK):
@@ -38,7 +41,21 @@ def dense_forward(inputs, kernel, bias, out):
         while i + 4 <= n_in:
             r0, r1 = kernel[i, start:stop], kernel[i + 1, start:stop]
             r2, r3 = kernel[i + 2, start:stop], kernel[i + 3, start:stop]
-            for k in range(batch):
+            k = 0
+            while k + 4 <= batch:
+                a0, a1, a2, a3 = inputs[k, i], inputs[k, i + 1], inputs[k, i + 2], inputs[k, i + 3]
+                b0, b1, b2, b3 = inputs[k + 1, i], inputs[k + 1, i + 1], inputs[k + 1, i + 2], inputs[k + 1, i + 3]
+                c0, c1, c2, c3 = inputs[k + 2, i], inputs[k + 2, i + 1], inputs[k + 2, i + 2], inputs[k + 2, i + 3]
+                d0, d1, d2, d3 = inputs[k + 3, i], inputs[k + 3, i + 1], inputs[k + 3, i + 2], inputs[k + 3, i + 3]
+                s0, s1, s2, s3 = sums[k], sums[k + 1], sums[k + 2], sums[k + 3]
+                for j in range(stop - start):
+                    w0, w1, w2, w3 = r0[j], r1[j], r2[j], r3[j]
+                    s0[j] += a0 * w0 + a1 * w1 + a2 * w2 + a3 * w3
+                    s1[j] += b0 * w0 + b1 * w1 + b2 * w2 + b3 * w3
+                    s2[j] += c0 * w0 + c1 * w1 + c2 * w2 + c3 * w3
+                    s3[j] += d0 * w0 + d1 * w1 + d2 * w2 + d3 * w3
+                k += 4
+            for k in range(k, batch):
                 a0, a1, a2, a3 = inputs[k, i], inputs[k, i + 1], inputs[k, i + 2], inputs[k, i + 3]
                 row = sums[k]
                 for j in range(stop - start):
@@ -56,37 +73,90 @@ def dense_forward(inputs, kernel, bias, out):
 
 
 @njit(parallel=True, cache=True)
-def dense_step(inputs_t, output_grad, kernel, m, v, alpha, one_minus_beta_1, one_minus_beta_2, epsilon):
+def dense_step(inputs_t, output_grad, kernel, m, v, alpha, one_minus_beta_1, one_minus_beta_2, epsilon,
+               backwards=False):
     """kernel -= Adam(inputs_t.T @ output_grad), moments included, in place.
 
     inputs_t: [I, B] the layer's inputs, transposed (contiguous per input unit);
     output_grad: [B, J] the loss' gradient at the layer's pre-activation;
     kernel, m, v: [I, J] float32;
     the scalars float32 (alpha = lr * sqrt(1 - b2^t) / (1 - b1^t), as Keras forms it).
-    A row's gradient sums the batch four rows at a time.
+    Each task forms four kernel rows' gradients at once (every gradient value loaded
+    feeds four rows), then applies Adam to them. A row's gradient sums the batch four
+    rows at a time, in the same order whether its row is one of four or alone.
+    backwards: visit the rows last to first. Rows are independent, so the result is
+    the same either way; alternating directions step by step starts each step on the
+    rows the last one touched last, still in cache (a seed's kernels and moments, about
+    30 MiB at width 2048, are about this CPU's L3: sweeping one way each time, every
+    step would find its first rows evicted).
     """
     n_in, n_out = kernel.shape
-    batch = output_grad.shape[0]
-    for i in prange(n_in):
-        gradient = np.zeros(n_out, np.float32)
-        k = 0
-        while k + 4 <= batch:
-            x0, x1, x2, x3 = inputs_t[i, k], inputs_t[i, k + 1], inputs_t[i, k + 2], inputs_t[i, k + 3]
-            g0, g1, g2, g3 = output_grad[k], output_grad[k + 1], output_grad[k + 2], output_grad[k + 3]
-            for j in range(n_out):
-                gradient[j] += x0 * g0[j] + x1 * g1[j] + x2 * g2[j] + x3 * g3[j]
-            k += 4
-        for k in range(k, batch):
-            x0, g0 = inputs_t[i, k], output_grad[k]
-            for j in range(n_out):
-                gradient[j] += x0 * g0[j]
+    n_quads = (n_in + 3) // 4
+    for task in prange(n_quads):
+        quad = np.int64(task)  # prange's index is unsigned
+        first = (n_quads - 1 - quad if backwards else quad) * 4
+        rows = min(4, n_in - first)
+        gradient = np.zeros((4, n_out), np.float32)
+        if rows == 4:
+            _four_row_gradients(inputs_t, first, output_grad, gradient)
+        else:
+            for r in range(rows):
+                _row_gradient(inputs_t[first + r], 0, output_grad, gradient[r])
+        for r in range(rows):
+            i = first + r
+            _adam_update(gradient[r], kernel[i], m[i], v[i], alpha, one_minus_beta_1, one_minus_beta_2, epsilon)
+
+
+@njit(cache=True, inline="always")
+def _four_row_gradients(inputs_t, first, output_grad, gradient):
+    """gradient[r] = inputs_t[first + r] @ output_grad for r < 4, the batch four at a time."""
+    batch, n_out = output_grad.shape
+    q0, q1, q2, q3 = gradient[0], gradient[1], gradient[2], gradient[3]
+    xa, xb, xc, xd = inputs_t[first], inputs_t[first + 1], inputs_t[first + 2], inputs_t[first + 3]
+    k = 0
+    while k + 4 <= batch:
+        a0, a1, a2, a3 = xa[k], xa[k + 1], xa[k + 2], xa[k + 3]
+        b0, b1, b2, b3 = xb[k], xb[k + 1], xb[k + 2], xb[k + 3]
+        c0, c1, c2, c3 = xc[k], xc[k + 1], xc[k + 2], xc[k + 3]
+        d0, d1, d2, d3 = xd[k], xd[k + 1], xd[k + 2], xd[k + 3]
+        g0, g1, g2, g3 = output_grad[k], output_grad[k + 1], output_grad[k + 2], output_grad[k + 3]
         for j in range(n_out):
-            g = gradient[j]
-            m_ij = m[i, j] + (g - m[i, j]) * one_minus_beta_1
-            v_ij = v[i, j] + (g * g - v[i, j]) * one_minus_beta_2
-            m[i, j] = m_ij
-            v[i, j] = v_ij
-            kernel[i, j] -= (m_ij * alpha) / (np.sqrt(v_ij) + epsilon)
+            e0, e1, e2, e3 = g0[j], g1[j], g2[j], g3[j]
+            q0[j] += a0 * e0 + a1 * e1 + a2 * e2 + a3 * e3
+            q1[j] += b0 * e0 + b1 * e1 + b2 * e2 + b3 * e3
+            q2[j] += c0 * e0 + c1 * e1 + c2 * e2 + c3 * e3
+            q3[j] += d0 * e0 + d1 * e1 + d2 * e2 + d3 * e3
+        k += 4
+    for r in range(4):
+        _row_gradient(inputs_t[first + r], k, output_grad, gradient[r])
+
+
+@njit(cache=True, inline="always")
+def _row_gradient(inputs_row, k, output_grad, gradient):
+    """gradient += inputs_row[k:] @ output_grad[k:], the batch four rows at a time."""
+    batch, n_out = output_grad.shape
+    while k + 4 <= batch:
+        x0, x1, x2, x3 = inputs_row[k], inputs_row[k + 1], inputs_row[k + 2], inputs_row[k + 3]
+        g0, g1, g2, g3 = output_grad[k], output_grad[k + 1], output_grad[k + 2], output_grad[k + 3]
+        for j in range(n_out):
+            gradient[j] += x0 * g0[j] + x1 * g1[j] + x2 * g2[j] + x3 * g3[j]
+        k += 4
+    for k in range(k, batch):
+        x0, g0 = inputs_row[k], output_grad[k]
+        for j in range(n_out):
+            gradient[j] += x0 * g0[j]
+
+
+@njit(cache=True, inline="always")
+def _adam_update(gradient, weights, m, v, alpha, one_minus_beta_1, one_minus_beta_2, epsilon):
+    """Keras' Adam.update_step on one row of a kernel (or on a bias), in place."""
+    for j in range(weights.shape[0]):
+        g = gradient[j]
+        m_j = m[j] + (g - m[j]) * one_minus_beta_1
+        v_j = v[j] + (g * g - v[j]) * one_minus_beta_2
+        m[j] = m_j
+        v[j] = v_j
+        weights[j] -= (m_j * alpha) / (np.sqrt(v_j) + epsilon)
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc"})
@@ -108,12 +178,8 @@ def input_gradient(output_grad, kernel, out):
 def bias_step(output_grad, bias, m, v, alpha, one_minus_beta_1, one_minus_beta_2, epsilon):
     """bias -= Adam(output_grad summed over the batch), in place."""
     batch, n_out = output_grad.shape
-    for j in range(n_out):
-        g = output_grad[0, j]
-        for k in range(1, batch):
-            g += output_grad[k, j]
-        m_j = m[j] + (g - m[j]) * one_minus_beta_1
-        v_j = v[j] + (g * g - v[j]) * one_minus_beta_2
-        m[j] = m_j
-        v[j] = v_j
-        bias[j] -= (m_j * alpha) / (np.sqrt(v_j) + epsilon)
+    gradient = output_grad[0].copy()
+    for k in range(1, batch):
+        for j in range(n_out):
+            gradient[j] += output_grad[k, j]
+    _adam_update(gradient, bias, m, v, alpha, one_minus_beta_1, one_minus_beta_2, epsilon)

@@ -258,7 +258,8 @@ def _train_step(state: _Seed, batch_x: np.ndarray, batch_y: np.ndarray, masks: l
             below = np.empty((len(grad), weights[kernel].shape[0]), np.float32)
             input_gradient(grad, weights[kernel], below)  # with the kernel before its update
         dense_step(np.ascontiguousarray(inputs[layer].T), grad, weights[kernel],
-                   state.momenta[kernel], state.velocities[kernel], *adam)
+                   state.momenta[kernel], state.velocities[kernel], *adam,
+                   backwards=state.steps % 2 == 1)  # the rows in cache first
         bias_step(grad, weights[bias], state.momenta[bias], state.velocities[bias], *adam)
         if layer:
             below = below * masks[layer - 1] if masks else below

@@ -1,0 +1,67 @@
+"""The Numba kernels of the seeds-together trainer against NumPy: the forward pass, the
+input gradient and the fused gradient + Adam step, on shapes whose rows and batch are
+not multiples of the kernels' blocks of four, and the step's two sweep directions."""
+
+import numpy as np
+import pytest
+
+from ecg_mlflow.model.head_kernels import bias_step, dense_forward, dense_step, input_gradient
+from ecg_mlflow.model.seed_heads import _adam_scalars
+
+SHAPES = [(16, 1280, 1024), (13, 1030, 7), (1, 3, 5), (5, 512, 4)]  # batch, inputs, outputs
+
+
+def _arrays(batch, n_in, n_out):
+    rng = np.random.default_rng(n_in * 31 + batch)
+    f32 = np.float32
+    x = np.abs(rng.normal(size=(batch, n_in))).astype(f32)
+    kernel = (rng.normal(size=(n_in, n_out)) * 0.05).astype(f32)
+    grad = (rng.normal(size=(batch, n_out)) * 0.1).astype(f32)
+    m = (rng.normal(size=(n_in, n_out)) * 1e-3).astype(f32)
+    v = (rng.random((n_in, n_out)) * 1e-5).astype(f32)
+    return x, kernel, grad, m, v
+
+
+def _numpy_adam(weights, gradient, m, v, alpha, one_minus_beta_1, one_minus_beta_2, epsilon):
+    """Keras' Adam.update_step in float32 NumPy."""
+    m = m + (gradient - m) * one_minus_beta_1
+    v = v + (gradient * gradient - v) * one_minus_beta_2
+    return weights - (m * alpha) / (np.sqrt(v) + epsilon), m, v
+
+
+@pytest.mark.parametrize("batch,n_in,n_out", SHAPES)
+def test_forward_and_input_gradient_are_the_matmuls(batch, n_in, n_out):
+    x, kernel, grad, _, _ = _arrays(batch, n_in, n_out)
+    bias = np.linspace(-1, 1, n_out).astype(np.float32)
+    out = np.empty((batch, n_out), np.float32)
+    dense_forward(x, kernel, bias, out)
+    np.testing.assert_allclose(out, x @ kernel + bias, rtol=1e-5, atol=1e-5)
+    below = np.empty((batch, n_in), np.float32)
+    input_gradient(grad, kernel, below)
+    np.testing.assert_allclose(below, grad @ kernel.T, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch,n_in,n_out", SHAPES)
+def test_the_step_is_adam_on_the_weight_gradient_in_either_sweep(batch, n_in, n_out):
+    x, kernel, grad, m, v = _arrays(batch, n_in, n_out)
+    adam = _adam_scalars(1e-3, 7)
+    expected = _numpy_adam(kernel, x.T.astype(np.float64) @ grad, m, v, *adam)
+    swept = {}
+    for backwards in (False, True):
+        state = [kernel.copy(), m.copy(), v.copy()]
+        dense_step(np.ascontiguousarray(x.T), grad, *state, *adam, backwards=backwards)
+        swept[backwards] = state
+        for got, want in zip(state, expected):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    for forwards, backwards in zip(swept[False], swept[True]):
+        assert np.array_equal(forwards, backwards)  # rows are independent: same bits
+
+
+def test_the_bias_step_is_adam_on_the_summed_gradient():
+    _, _, grad, _, _ = _arrays(13, 3, 7)
+    bias, m, v = np.zeros(7, np.float32), np.full(7, 1e-3, np.float32), np.full(7, 1e-5, np.float32)
+    adam = _adam_scalars(1e-3, 0)
+    expected = _numpy_adam(bias, grad.sum(0), m, v, *adam)
+    bias_step(grad, bias, m, v, *adam)
+    for got, want in zip((bias, m, v), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
