@@ -209,7 +209,7 @@ except BackendMissingError as exc:
     done = run_python(code, "jax", tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == (
-        "the study's and tune's head trainer (seeds together) draws Keras' dropout masks and shuffle orders "
+        "the study's and tune's head trainer (seeds together) draws Keras' shuffle orders "
         "with TensorFlow under every Keras backend, and TensorFlow is not importable: add '.[cpu]' or "
         "'.[gpu]' to '.[jax]'")
 

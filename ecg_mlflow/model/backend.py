@@ -5,8 +5,8 @@ and the other way round. What is not neutral lives here, one function per concer
 implementation per backend: determinism (`make_deterministic`), the precision of the
 backbone pass (`precision_scope`), the device the backend computes on. TensorFlow is
 imported only on the TensorFlow path, JAX only on the JAX path, with one exception: the
-seeds-together head trainer draws each seed's dropout masks and shuffle order with
-TensorFlow under every backend (`tensorflow_for_heads`), which is why every install has
+seeds-together head trainer draws each seed's shuffle order with TensorFlow's tf.data
+under every backend, as Keras' fit does (`tensorflow_for_heads`), which is why every install has
 TensorFlow (`.[cpu]` or `.[gpu]`).
 
 Which backend is active is Keras' decision (KERAS_BACKEND, else `backend` in
@@ -126,16 +126,16 @@ def make_deterministic(seed: int) -> None:
 
 def tensorflow_for_heads():
     """TensorFlow, as the seeds-together head trainer (model/seed_heads.py) uses it under
-    every Keras backend: it draws each seed's dropout masks and shuffle order as Keras'
-    TensorFlow backend does. Under another backend (JAX on a GPU) TensorFlow gets no GPU:
+    every Keras backend: it draws each seed's shuffle order from the tf.data pipeline
+    Keras' fit builds (its dropout masks are TensorFlow's too, drawn in Numba). Under another backend (JAX on a GPU) TensorFlow gets no GPU:
     it would take the GPU's memory from the backend that runs the backbone.
     BackendMissingError (one line) where TensorFlow is not installed."""
     try:
         import tensorflow as tf
     except ImportError:
         raise BackendMissingError(
-            "the study's and tune's head trainer (seeds together) draws Keras' dropout masks and shuffle "
-            "orders with TensorFlow under every Keras backend, and TensorFlow is not importable: add "
+            "the study's and tune's head trainer (seeds together) draws Keras' shuffle orders with "
+            "TensorFlow under every Keras backend, and TensorFlow is not importable: add "
             "'.[cpu]' or '.[gpu]' to '.[jax]'") from None
 
     if backend_name() != "tensorflow":

@@ -21,8 +21,9 @@ Every seed stays an independent replicate with the randomness `train_head` gives
 - shuffle order: Keras' own ArrayDataAdapter, built after the same seeding, so each epoch
   sees the batches `fit` would give it (under `set_random_seed` Keras repeats one
   permutation every epoch; this trainer reproduces that, whatever it is);
-- dropout masks: `tf.nn.experimental.stateless_dropout` with the seed Keras' Dropout
-  layer draws at that step (its SeedGenerator's state [s0, step]);
+- dropout masks: those of `tf.nn.experimental.stateless_dropout` (what Keras' Dropout
+  calls under TensorFlow) with the seed the layer draws at that step (its SeedGenerator's
+  state [s0, step]), drawn bit for bit in Numba (model/dropout_masks.py);
 - its own train and validation rows (index arrays into one shared feature matrix; sizes
   may differ per seed), its own early stopping with its own best weights, its own curves.
 
@@ -45,12 +46,12 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ecg_mlflow.model.head import HeadConfig, HeadHistory, build_head
+from ecg_mlflow.model.dropout_masks import dropout_masks
 from ecg_mlflow.model.head_kernels import bias_step, dense_forward, dense_step, input_gradient
 
 ADAM_BETA_1 = 0.9  # Keras' Adam defaults, which train_head uses
 ADAM_BETA_2 = 0.999
 ADAM_EPSILON = 1e-7
-INT32_SEED_MODULUS = 2**31 - 2  # Keras' _cast_seed: floormod(seed, int32.max - 1)
 CURVE_TOLERANCE = 1e-5
 """Absolute agreement of a seed's curves with train_head's over the first epochs."""
 
@@ -116,11 +117,11 @@ def train_seed_heads(
 
     if len({s.seed for s in seeds}) != len(seeds):
         raise ValueError(f"seeds must be distinct, got {[s.seed for s in seeds]}")
-    tf = tensorflow_for_heads()  # Keras' shuffle orders and dropout masks, whatever the backend
+    tensorflow_for_heads()  # Keras' shuffle orders (tf.data), whatever the backend
     x = np.ascontiguousarray(features, np.float32)
     y = np.ascontiguousarray(labels, np.float32)
     states = [_start_seed(rows, x.shape[1], config, shuffle) for rows in seeds]
-    masks = _build_dropout_masks(tf, config)
+    masks = _build_dropout_masks(config)
     for epoch in range(1, config.max_epochs + 1):
         live = [state for state in states if state.active]
         if not live:
@@ -190,31 +191,16 @@ def _keras_epoch_orders(n: int, batch_size: int, shuffle: bool, max_epochs: int)
     return iter([first, second] + [draw() for _ in range(max_epochs - 2)])
 
 
-def _build_dropout_masks(tf, config: HeadConfig) -> Callable[[np.ndarray, int, int], list[np.ndarray]]:
+def _build_dropout_masks(config: HeadConfig) -> Callable[[np.ndarray, int, int], list[np.ndarray]]:
     """masks(layer seeds, first step, steps): per hidden layer, [steps, batch_size, width]
-    factors Keras' Dropout applies at those steps (1 / (1 - rate) where kept, 0 where
-    dropped): its own stateless_dropout, applied to ones; none at rate 0, where Keras
-    draws nothing. One call per seed and epoch (a call per step cost as much as the step).
-    A partial batch's mask is the first rows of a full one's: a stateless draw's stream
-    does not depend on the shape asked for."""
+    factors Keras' Dropout applies at those steps (model/dropout_masks.py: TensorFlow's
+    stateless dropout, bit for bit); none at rate 0, where Keras draws nothing. A partial
+    batch's mask is the first rows of a full one's: a stateless draw's stream does not
+    depend on the shape asked for."""
     if config.dropout <= 0:
         return lambda layer_seeds, first, steps: []
-    rate, units, batch = float(config.dropout), config.dense_units, config.batch_size
-    signature = (tf.TensorSpec([len(units)], tf.int64), tf.TensorSpec([None], tf.int64))
-
-    @tf.function(input_signature=signature, autograph=False)
-    def draw(layer_seeds, steps):
-        return [tf.map_fn(lambda step, layer=layer, width=width: tf.nn.experimental.stateless_dropout(
-            tf.ones([batch, width]), rate=rate, seed=_dropout_seed(tf, layer_seeds[layer], step)),
-            steps, fn_output_signature=tf.float32) for layer, width in enumerate(units)]
-
-    return lambda layer_seeds, first, steps: [m.numpy() for m in draw(layer_seeds, np.arange(first, first + steps))]
-
-
-def _dropout_seed(tf, layer_seed, step):
-    """The int32 seed Keras' Dropout passes to stateless_dropout at `step`."""
-    state = tf.stack([layer_seed, step])
-    return tf.cast(tf.math.floormod(state, INT32_SEED_MODULUS), tf.int32)
+    return lambda layer_seeds, first, steps: dropout_masks(
+        layer_seeds, first, steps, config.batch_size, config.dense_units, config.dropout)
 
 
 def _train_epoch(state: _Seed, x: np.ndarray, y: np.ndarray, config: HeadConfig, masks) -> dict[str, float]:
