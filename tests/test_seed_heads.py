@@ -1,7 +1,7 @@
 """Heads of several seeds trained together are the heads train_head gives each seed:
 same initialisation, shuffle order and dropout masks, own validation rows, own early
-stopping. Tolerance: CURVE_TOLERANCE on the curves (float32 rounding in another order
-and TensorFlow's fused Adam, see ecg_mlflow/model/seed_heads.py), the same test labels."""
+stopping. Tolerance: CURVE_TOLERANCE on the curves (float32 rounding in another order, see
+ecg_mlflow/model/seed_heads.py), the same test labels."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ecg_mlflow.model.head import HeadConfig, train_head
-from ecg_mlflow.model.seed_heads import CURVE_TOLERANCE, SeedRows, train_seed_heads
+from ecg_mlflow.model.seed_heads import CURVE_TOLERANCE, SeedRows, _keras_epoch_orders, train_seed_heads
 
 CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")
 N_ROWS, N_TEST, DIM = 140, 30, 16
@@ -134,3 +134,22 @@ def test_duplicate_or_empty_seeds_are_refused():
         train_seed_heads(x, y, [_rows(1, 50), _rows(1, 60)], config)
     with pytest.raises(ValueError, match="validation rows"):
         train_seed_heads(x, y, [SeedRows(1, np.arange(10), np.arange(0))], config)
+
+
+@pytest.mark.parametrize("n", [17, 100, 593])
+def test_shuffle_orders_are_the_ones_keras_fit_draws(n):
+    """The trainer draws its orders from the permutation dataset alone; fit batches them
+    through the whole ArrayDataAdapter pipeline: every epoch's order is the same."""
+    import keras
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+
+    for seed in (1, 7, 42):
+        keras.utils.set_random_seed(seed)
+        orders = _keras_epoch_orders(n, 16, True, 3)
+        ours = [next(orders) for _ in range(3)]
+        keras.utils.set_random_seed(seed)
+        batches = ArrayDataAdapter(np.arange(n), batch_size=16, shuffle=True).get_tf_dataset()
+        fits = [np.concatenate([b.numpy() for b in batches]) for _ in range(3)]
+        assert not np.array_equal(fits[0], np.arange(n))
+        for epoch, (mine, fit) in enumerate(zip(ours, fits)):
+            assert np.array_equal(mine, fit), (seed, epoch)

@@ -126,8 +126,8 @@ def make_deterministic(seed: int) -> None:
 
 def tensorflow_for_heads():
     """TensorFlow, as the seeds-together head trainer (model/seed_heads.py) uses it under
-    every Keras backend: it draws each seed's shuffle order from the tf.data pipeline
-    Keras' fit builds (its dropout masks are TensorFlow's too, drawn in Numba). Under another backend (JAX on a GPU) TensorFlow gets no GPU:
+    every Keras backend: it draws each seed's shuffle order with the tf.data permutation
+    Keras' fit draws (its dropout masks are TensorFlow's too, drawn in Numba). Under another backend (JAX on a GPU) TensorFlow gets no GPU:
     it would take the GPU's memory from the backend that runs the backbone.
     BackendMissingError (one line) where TensorFlow is not installed."""
     try:

@@ -166,21 +166,31 @@ def _layer_seed(dropout) -> int:
 
 
 def _keras_epoch_orders(n: int, batch_size: int, shuffle: bool, max_epochs: int) -> Iterator[np.ndarray]:
-    """Positions 0..n-1 in the order Keras' fit feeds them, one array per epoch, from the
-    same ArrayDataAdapter `fit` builds (Keras is pinned; this is its internal module).
+    """Positions 0..n-1 in the order Keras' fit feeds them, one array per epoch.
 
-    The orders are drawn now, while the global seed is this seed's: the dataset's shuffle
-    reads the global seed when it is iterated. Under `set_random_seed` Keras repeats one
-    permutation every epoch; when two epochs agree that one is reused, otherwise every
-    epoch's order is drawn here."""
+    Keras' ArrayDataAdapter (what `fit` builds for arrays; Keras is pinned) draws each
+    epoch's order as `tf.random.shuffle(tf.range(n))` in the map of a one-element dataset,
+    then cuts it into batches in that order. Here that dataset alone: the same function
+    traced after the same seeding, so its shuffle gets the same graph and op seed (the
+    whole adapter pipeline cost four times as long per seed; tests/test_seed_heads.py
+    holds the two equal). The orders are drawn now, while the global seed is this seed's.
+    Under `set_random_seed` every epoch repeats one permutation (each epoch is a new
+    iterator over the same dataset); when two draws agree that one is reused, otherwise
+    every epoch's order is drawn here. `batch_size` does not change the order."""
     import itertools
 
-    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+    from ecg_mlflow.model.backend import tensorflow_for_heads
 
     if not shuffle:
         return itertools.repeat(np.arange(n))
-    batches = ArrayDataAdapter(np.arange(n), batch_size=batch_size, shuffle=True).get_tf_dataset()
-    epoch = batches.unbatch().batch(n)  # the same order in one piece (a batch each cost 10 ms)
+    tf = tensorflow_for_heads()
+
+    def permutation(_):  # ArrayDataAdapter.get_tf_dataset's, op for op
+        indices = tf.range(n, dtype=tf.int64)
+        indices = tf.random.shuffle(indices)
+        return indices
+
+    epoch = tf.data.Dataset.range(1).map(permutation)
 
     def draw() -> np.ndarray:
         return next(iter(epoch)).numpy()
