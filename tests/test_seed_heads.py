@@ -145,7 +145,7 @@ def test_shuffle_orders_are_the_ones_keras_fit_draws(n):
 
     for seed in (1, 7, 42):
         keras.utils.set_random_seed(seed)
-        orders = _keras_epoch_orders(n, 16, True, 3)
+        orders = _keras_epoch_orders(n, True, 3)
         ours = [next(orders) for _ in range(3)]
         keras.utils.set_random_seed(seed)
         batches = ArrayDataAdapter(np.arange(n), batch_size=16, shuffle=True).get_tf_dataset()

@@ -5,11 +5,12 @@ overhead and its unfused Adam (about ten elementwise passes over each 2048 x 102
 kernel). Here each seed's step is a handful of Numba loops on both cores
 (model/head_kernels.py): the forward pass, and per dense layer the input gradient and
 one loop that forms the weight gradient and applies Adam in the same pass over kernel
-and moments. The step is bound by memory (the first kernel and its moments, 50 MB at
-width 2048, are read and written every step), and this crosses it the fewest times
-Adam allows. Seeds take turns epoch by
-epoch (one seed's whole epoch, then the next's), so every epoch ends with a report of
-all seeds that trained it, and a seed that stopped early costs nothing more. (A
+and moments. The first kernel and its moments (25 MB at width 2048, about this CPU's
+L3) are read and written every step; this crosses them the fewest times Adam allows,
+and sweeps them in alternate directions so each step starts on what is still in cache.
+Seeds take turns epoch by epoch (one seed's whole epoch, then the next's), so every
+epoch ends with a report of all seeds that trained it, and a seed that stopped early
+costs nothing more. (A
 TensorFlow graph with every seed's step side by side and Adam in TensorFlow's fused
 kernel came before this: its matmuls at these shapes ran at half OpenBLAS' speed, and
 its gradient and update were two passes over memory.)
@@ -18,8 +19,8 @@ Every seed stays an independent replicate with the randomness `train_head` gives
 
 - initial weights: the head `build_head` draws after `keras.utils.set_random_seed(seed)`,
   exactly as `train_head` does (the same Keras layers, the same glorot-uniform/zeros);
-- shuffle order: Keras' own ArrayDataAdapter, built after the same seeding, so each epoch
-  sees the batches `fit` would give it (under `set_random_seed` Keras repeats one
+- shuffle order: the permutation Keras' ArrayDataAdapter draws, traced after the same
+  seeding, so each epoch sees the batches `fit` would give it (under `set_random_seed` Keras repeats one
   permutation every epoch; this trainer reproduces that, whatever it is);
 - dropout masks: those of `tf.nn.experimental.stateless_dropout` (what Keras' Dropout
   calls under TensorFlow) with the seed the layer draws at that step (its SeedGenerator's
@@ -149,7 +150,7 @@ def _start_seed(rows: SeedRows, feature_dim: int, config: HeadConfig, shuffle: b
     weights = [np.array(w, np.float32) for w in head.get_weights()]
     dropout_seeds = np.array([_layer_seed(layer) for layer in head.layers
                               if isinstance(layer, keras.layers.Dropout)], np.int64)
-    orders = _keras_epoch_orders(len(rows.train), config.batch_size, shuffle, config.max_epochs)
+    orders = _keras_epoch_orders(len(rows.train), shuffle, config.max_epochs)
     return _Seed(
         rows=rows, head=head, weights=weights,
         momenta=[np.zeros_like(w) for w in weights],
@@ -165,7 +166,7 @@ def _layer_seed(dropout) -> int:
     return 0 if generator is None else int(generator.state.numpy()[0])
 
 
-def _keras_epoch_orders(n: int, batch_size: int, shuffle: bool, max_epochs: int) -> Iterator[np.ndarray]:
+def _keras_epoch_orders(n: int, shuffle: bool, max_epochs: int) -> Iterator[np.ndarray]:
     """Positions 0..n-1 in the order Keras' fit feeds them, one array per epoch.
 
     Keras' ArrayDataAdapter (what `fit` builds for arrays; Keras is pinned) draws each
@@ -176,7 +177,7 @@ def _keras_epoch_orders(n: int, batch_size: int, shuffle: bool, max_epochs: int)
     holds the two equal). The orders are drawn now, while the global seed is this seed's.
     Under `set_random_seed` every epoch repeats one permutation (each epoch is a new
     iterator over the same dataset); when two draws agree that one is reused, otherwise
-    every epoch's order is drawn here. `batch_size` does not change the order."""
+    every epoch's order is drawn here. (The batch size does not change the order.)"""
     import itertools
 
     from ecg_mlflow.model.backend import tensorflow_for_heads
