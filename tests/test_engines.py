@@ -38,9 +38,12 @@ from serving_fixtures import (
 FP32_TOLERANCE = 1e-4
 """OpenVINO fp32 vs Keras fp32: max abs difference of pooled features over the largest |feature|
 (measured 2e-6 to 3e-6 here; the kernels differ, so the last bits do)."""
-BF16_TOLERANCE = 5e-2
-"""OpenVINO bf16 vs Keras fp32, same measure: bf16 keeps 8 bits of mantissa (3e-3 measured on
-ResNet-50 at 512 x 1024 on an AMX host)."""
+BF16_MIN_COSINE = 0.99
+"""OpenVINO bf16 vs Keras fp32 features, per image. bf16 keeps 8 bits of mantissa: on an
+AVX-512 BF16 host the EfficientNet-Lite0 features of these 12 reports at 64 x 128 measured
+cosine 0.9979 at the least, while single features moved by up to 12% of the largest (the
+max-difference measure above suits fp32, not bf16; 3e-3 on a random ResNet-50 at 512 x
+1024 on an AMX host)."""
 KERAS_BF16_MIN_COSINE = 0.95
 """Keras bf16 vs Keras fp32 features, per image (0.994-0.997 for the EfficientNet-Lites on real
 reports at 512 x 1024: docs/benchmarks.md, "Keras bf16 on this CPU")."""
@@ -144,8 +147,10 @@ def test_openvino_bf16_features_are_close_to_keras_fp32(real_sample, keras_featu
     if bf16_missing():
         pytest.skip(f"no bf16 on this host: {bf16_missing()}")
     features = _features(real_sample, tmp_path, "openvino", "bf16")
-    difference = np.abs(features - keras_features).max() / np.abs(keras_features).max()
-    assert 0 < difference <= BF16_TOLERANCE  # not 0: bf16 really ran
+    cosine = (features * keras_features).sum(1) / (
+        np.linalg.norm(features, axis=1) * np.linalg.norm(keras_features, axis=1))
+    assert cosine.min() >= BF16_MIN_COSINE
+    assert np.abs(features - keras_features).max() > FP32_TOLERANCE * np.abs(keras_features).max()  # bf16 ran
 
 
 # ---- trained, logged, promoted and served through OpenVINO ---------------------------------
