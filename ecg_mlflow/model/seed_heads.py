@@ -147,16 +147,40 @@ def _start_seed(rows: SeedRows, feature_dim: int, config: HeadConfig, shuffle: b
         raise ValueError(f"seed {rows.seed}: needs training and validation rows")
     keras.utils.set_random_seed(rows.seed)
     head = build_head(feature_dim, config.dense_units, config.dropout)
-    weights = [np.array(w, np.float32) for w in head.get_weights()]
+    weights = [_in_own_pages(w) for w in head.get_weights()]
     dropout_seeds = np.array([_layer_seed(layer) for layer in head.layers
                               if isinstance(layer, keras.layers.Dropout)], np.int64)
     orders = _keras_epoch_orders(len(rows.train), shuffle, config.max_epochs)
     return _Seed(
         rows=rows, head=head, weights=weights,
-        momenta=[np.zeros_like(w) for w in weights],
-        velocities=[np.zeros_like(w) for w in weights],
+        momenta=[_in_own_pages(np.zeros_like(w)) for w in weights],
+        velocities=[_in_own_pages(np.zeros_like(w)) for w in weights],
         dropout_seeds=dropout_seeds, orders=orders, history=HeadHistory(),
     )
+
+
+HUGE_PAGE = 2 * 1024 * 1024
+
+
+def _in_own_pages(values) -> np.ndarray:
+    """A float32 copy of `values` in a fresh anonymous mapping, aligned to and asking for
+    2 MiB pages. A step streams every kernel and moment, and with 4 KiB pages its
+    TLB misses cost as much as the arithmetic. NumPy asks for huge pages only when malloc
+    maps an array afresh; once a process has freed large buffers (TensorFlow's, after
+    Keras' fit or a backbone pass), glibc serves arrays of this size from its heap
+    instead, in small pages (measured: the same 10 heads 54.8 s instead of 38.9 s)."""
+    import mmap
+
+    values = np.asarray(values, np.float32)
+    if values.nbytes < HUGE_PAGE:  # a bias: a page of its own would waste most of it
+        return values.copy()
+    mapping = mmap.mmap(-1, values.nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    start = -np.frombuffer(mapping, np.uint8, count=0).ctypes.data % HUGE_PAGE
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping.madvise(mmap.MADV_HUGEPAGE, start, values.nbytes)
+    array = np.frombuffer(mapping, np.float32, count=values.size, offset=start).reshape(values.shape)
+    array[...] = values
+    return array
 
 
 def _layer_seed(dropout) -> int:
