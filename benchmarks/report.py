@@ -17,8 +17,22 @@ HEADER = (
 
 
 def machine() -> str:
-    """One line naming where the numbers were measured."""
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+    """One line naming where the numbers were measured, the CPU's model and widest vector
+    unit included: machines of the same kind here differ (AVX2 or AVX-512)."""
+    return f"{platform.machine()}, {cpu_model()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+
+
+def cpu_model() -> str:
+    """'AMD EPYC (AVX-512)': the model name and vector width /proc/cpuinfo gives."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "CPU not named"
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = fields.get("flags", "").split()
+    width = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{fields.get('model name', 'CPU not named')} ({width})"
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:

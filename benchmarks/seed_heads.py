@@ -119,6 +119,16 @@ def together(features, labels, rows, config):
     return time.perf_counter() - start, heads
 
 
+def compile_kernels() -> None:
+    """Numba compiles the trainer's kernels once per install (cached on disk after); do
+    that before any timing, on a tiny problem."""
+    from ecg_mlflow.model.head import HeadConfig
+    from ecg_mlflow.model.seed_heads import SeedRows, train_seed_heads
+
+    x, y = random_features(8)
+    train_seed_heads(x[:40], y[:40], [SeedRows(1, np.arange(32), np.arange(32, 40))], HeadConfig(max_epochs=1))
+
+
 def compare(features, test, alone, joint) -> tuple[float, float, int]:
     """Share of test rows with the same label, max abs probability difference, and how
     many seeds stopped at the same epoch, over all seeds."""
@@ -140,6 +150,7 @@ def main() -> None:
     from ecg_mlflow.model import seed_heads  # noqa: F401 (imported before the long first part)
 
     config = HeadConfig(max_epochs=args.max_epochs)
+    compile_kernels()
     rows_out, sources = [], set()
     for arch in args.archs.split(","):
         real = cached_real_features(arch, args.data, args.cache_dir, args.weights, args.engine)
@@ -175,7 +186,8 @@ def main() -> None:
         f"{' and '.join(sorted(sources))} features (real: the cached {args.weights} / {args.engine} features "
         "of the real data at 512 x 1024, split as the paper does per seed; random: Gaussian features of "
         "the real shapes, validation drawn per seed), trained one after another with `train_head` "
-        f"(Keras' fit, as studies did before) and all together with `train_seed_heads`, in one process. "
+        f"(Keras' fit, as studies did before) and all together with `train_seed_heads`, in one process, "
+        "after Numba has compiled the trainer's kernels (once per install, cached on disk). "
         f"Machine: {machine()}.\n\n{table}\n\n"
         "Both ways give every seed the same initial weights, shuffle order and dropout masks "
         "(ecg_mlflow/model/seed_heads.py says how); the differences left are float32 rounding in "

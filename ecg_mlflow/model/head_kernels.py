@@ -8,8 +8,8 @@ as two passes. Here one parallel loop over the kernel's rows computes each row's
 (the batch's outer product, in a buffer that stays in L1) and applies Adam to it at once,
 so kernel and moments cross memory once per step and the gradient never does. Every
 loop is blocked four by four (four batch rows with four kernel rows), so each value
-loaded feeds four products; the forward pass streams contiguous runs of kernel rows (the step 1.6x as fast as a row at a time, with its kernel
-in cache, measured here).
+loaded feeds four products (the step 1.6x as fast as a row at a time, with its kernel in
+cache, measured here); the forward pass streams contiguous runs of kernel rows.
 
 The update is Keras' Adam.update_step term for term in float32, with the learning rate
 already scaled by the bias corrections as Keras forms it. Sums run in other orders than
