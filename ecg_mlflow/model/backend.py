@@ -6,8 +6,8 @@ implementation per backend: determinism (`make_deterministic`), the precision of
 backbone pass (`precision_scope`), the device the backend computes on. TensorFlow is
 imported only on the TensorFlow path, JAX only on the JAX path, with one exception: the
 seeds-together head trainer draws each seed's shuffle order with TensorFlow's tf.data
-under every backend, as Keras' fit does (`tensorflow_for_heads`), which is why every install has
-TensorFlow (`.[cpu]` or `.[gpu]`).
+under every backend, as Keras' fit does (`tensorflow_for_heads`), which is why every
+install has TensorFlow (`.[cpu]` or `.[gpu]`).
 
 Which backend is active is Keras' decision (KERAS_BACKEND, else `backend` in
 $KERAS_HOME/keras.json, else TensorFlow); `configured_backend` reads it the same way without
@@ -127,8 +127,9 @@ def make_deterministic(seed: int) -> None:
 def tensorflow_for_heads():
     """TensorFlow, as the seeds-together head trainer (model/seed_heads.py) uses it under
     every Keras backend: it draws each seed's shuffle order with the tf.data permutation
-    Keras' fit draws (its dropout masks are TensorFlow's too, drawn in Numba). Under another backend (JAX on a GPU) TensorFlow gets no GPU:
-    it would take the GPU's memory from the backend that runs the backbone.
+    Keras' fit draws (its dropout masks are TensorFlow's too, drawn in Numba). Under
+    another backend (JAX on a GPU) TensorFlow gets no GPU: it would take the GPU's memory
+    from the backend that runs the backbone.
     BackendMissingError (one line) where TensorFlow is not installed."""
     try:
         import tensorflow as tf

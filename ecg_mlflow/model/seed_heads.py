@@ -10,18 +10,17 @@ L3) are read and written every step; this crosses them the fewest times Adam all
 and sweeps them in alternate directions so each step starts on what is still in cache.
 Seeds take turns epoch by epoch (one seed's whole epoch, then the next's), so every
 epoch ends with a report of all seeds that trained it, and a seed that stopped early
-costs nothing more. (A
-TensorFlow graph with every seed's step side by side and Adam in TensorFlow's fused
-kernel came before this: its matmuls at these shapes ran at half OpenBLAS' speed, and
-its gradient and update were two passes over memory.)
+costs nothing more. (A TensorFlow graph with every seed's step side by side and Adam in
+TensorFlow's fused kernel came before this: its matmuls at these shapes ran at half
+OpenBLAS' speed, and its gradient and update were two passes over memory.)
 
 Every seed stays an independent replicate with the randomness `train_head` gives it:
 
 - initial weights: the head `build_head` draws after `keras.utils.set_random_seed(seed)`,
   exactly as `train_head` does (the same Keras layers, the same glorot-uniform/zeros);
 - shuffle order: the permutation Keras' ArrayDataAdapter draws, traced after the same
-  seeding, so each epoch sees the batches `fit` would give it (under `set_random_seed` Keras repeats one
-  permutation every epoch; this trainer reproduces that, whatever it is);
+  seeding, so each epoch sees the batches `fit` would give it (under `set_random_seed`
+  Keras repeats one permutation every epoch; this trainer reproduces that, whatever it is);
 - dropout masks: those of `tf.nn.experimental.stateless_dropout` (what Keras' Dropout
   calls under TensorFlow) with the seed the layer draws at that step (its SeedGenerator's
   state [s0, step]), drawn bit for bit in Numba (model/dropout_masks.py);
@@ -153,8 +152,8 @@ def _start_seed(rows: SeedRows, feature_dim: int, config: HeadConfig, shuffle: b
     orders = _keras_epoch_orders(len(rows.train), shuffle, config.max_epochs)
     return _Seed(
         rows=rows, head=head, weights=weights,
-        momenta=[_in_own_pages(np.zeros_like(w)) for w in weights],
-        velocities=[_in_own_pages(np.zeros_like(w)) for w in weights],
+        momenta=[_zeros_in_own_pages(w.shape) for w in weights],
+        velocities=[_zeros_in_own_pages(w.shape) for w in weights],
         dropout_seeds=dropout_seeds, orders=orders, history=HeadHistory(),
     )
 
@@ -163,24 +162,32 @@ HUGE_PAGE = 2 * 1024 * 1024
 
 
 def _in_own_pages(values) -> np.ndarray:
-    """A float32 copy of `values` in a fresh anonymous mapping, aligned to and asking for
-    2 MiB pages. A step streams every kernel and moment, and with 4 KiB pages its
-    TLB misses cost as much as the arithmetic. NumPy asks for huge pages only when malloc
-    maps an array afresh; once a process has freed large buffers (TensorFlow's, after
-    Keras' fit or a backbone pass), glibc serves arrays of this size from its heap
-    instead, in small pages (measured: the same 10 heads 54.8 s instead of 38.9 s)."""
-    import mmap
-
+    """A float32 copy of `values` in pages of its own (`_zeros_in_own_pages`)."""
     values = np.asarray(values, np.float32)
-    if values.nbytes < HUGE_PAGE:  # a bias: a page of its own would waste most of it
-        return values.copy()
-    mapping = mmap.mmap(-1, values.nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    start = -np.frombuffer(mapping, np.uint8, count=0).ctypes.data % HUGE_PAGE
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        mapping.madvise(mmap.MADV_HUGEPAGE, start, values.nbytes)
-    array = np.frombuffer(mapping, np.float32, count=values.size, offset=start).reshape(values.shape)
+    array = _zeros_in_own_pages(values.shape)
     array[...] = values
     return array
+
+
+def _zeros_in_own_pages(shape) -> np.ndarray:
+    """float32 zeros in a fresh anonymous mapping (zero-filled by the kernel), aligned to
+    and asking for 2 MiB pages. A step streams every kernel and moment, and with 4 KiB
+    pages its TLB misses cost as much as the arithmetic. NumPy asks for huge pages only
+    when malloc maps an array afresh; once a process has freed large buffers
+    (TensorFlow's, after Keras' fit or a backbone pass), glibc serves arrays of this size
+    from its heap instead, in small pages (measured: the same 10 heads 54.8 s instead of
+    38.9 s)."""
+    import mmap
+
+    size = int(np.prod(shape))
+    nbytes = 4 * size
+    if nbytes < HUGE_PAGE:  # a bias: a page of its own would waste most of it
+        return np.zeros(shape, np.float32)
+    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    start = -np.frombuffer(mapping, np.uint8, count=0).ctypes.data % HUGE_PAGE
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping.madvise(mmap.MADV_HUGEPAGE, start, nbytes)
+    return np.frombuffer(mapping, np.float32, count=size, offset=start).reshape(shape)
 
 
 def _layer_seed(dropout) -> int:
