@@ -44,6 +44,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	# Numba compiles the seeds-together kernels once per install (cached on disk): here, not in a first study.
+	$(BIN)/python -c 'from ecg_mlflow.model.seed_heads import compile_kernels; compile_kernels()'
 	touch $@
 
 demo: setup

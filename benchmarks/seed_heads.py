@@ -119,16 +119,6 @@ def together(features, labels, rows, config):
     return time.perf_counter() - start, heads
 
 
-def compile_kernels() -> None:
-    """Numba compiles the trainer's kernels once per install (cached on disk after); do
-    that before any timing, on a tiny problem."""
-    from ecg_mlflow.model.head import HeadConfig
-    from ecg_mlflow.model.seed_heads import SeedRows, train_seed_heads
-
-    x, y = random_features(8)
-    train_seed_heads(x[:40], y[:40], [SeedRows(1, np.arange(32), np.arange(32, 40))], HeadConfig(max_epochs=1))
-
-
 def compare(features, test, alone, joint) -> tuple[float, float, int]:
     """Share of test rows with the same label, max abs probability difference, and how
     many seeds stopped at the same epoch, over all seeds."""
@@ -147,7 +137,7 @@ def main() -> None:
     args = parse_args()
     from report import machine, markdown_table, write_section
     from ecg_mlflow.model.head import HeadConfig
-    from ecg_mlflow.model import seed_heads  # noqa: F401 (imported before the long first part)
+    from ecg_mlflow.model.seed_heads import compile_kernels  # before the long first part
 
     config = HeadConfig(max_epochs=args.max_epochs)
     compile_kernels()

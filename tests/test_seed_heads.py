@@ -172,3 +172,17 @@ def test_kernels_and_moments_get_pages_of_their_own():
             assert copy.base is None  # an ordinary copy
         copy[0] = 7  # its own memory
         assert values.ravel()[0] != 7
+
+
+def test_compile_kernels_leaves_every_kernel_compiled_on_disk(tmp_path):
+    """What `make setup` runs: afterwards a new process finds each of the trainer's Numba
+    kernels in the on-disk cache instead of compiling it in a first study."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", "from ecg_mlflow.model.seed_heads import compile_kernels; compile_kernels()"],
+                   check=True, env=env, capture_output=True)
+    cached = {path.name.split(".")[1].rsplit("-", 1)[0] for path in tmp_path.rglob("*.nbi")}  # module.name-line
+    assert {"dense_forward", "dense_step", "input_gradient", "bias_step", "_layer_masks"} <= cached, cached

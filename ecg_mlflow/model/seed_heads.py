@@ -137,6 +137,16 @@ def train_seed_heads(
     return {s.rows.seed: _finish_seed(s) for s in states}
 
 
+def compile_kernels() -> None:
+    """Have Numba compile the trainer's kernels (a few seconds; cached on disk after, per
+    install): `make setup` does it, so a user's first study does not pay it in its heads,
+    and the benchmarks do it before they time anything. One tiny seed for one epoch."""
+    rng = np.random.default_rng(0)
+    features = rng.random((40, 8), dtype=np.float32)
+    labels = np.eye(4, dtype=np.float32)[np.arange(40) % 4]
+    train_seed_heads(features, labels, [SeedRows(1, np.arange(32), np.arange(32, 40))], HeadConfig(max_epochs=1))
+
+
 def _start_seed(rows: SeedRows, feature_dim: int, config: HeadConfig, shuffle: bool) -> _Seed:
     """Seed the way train_head does, then take the head's initial weights, its dropout
     layers' seeds and Keras' shuffle order from the very objects `fit` would use."""
