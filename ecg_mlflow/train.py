@@ -253,15 +253,21 @@ def prepare_features(
     config: TrainConfig, manifest: Manifest, split: Split, *, progress: bool = True
 ) -> PreparedData:
     """Backbone features (and region-pooled maps, same pass) of every unique image of the
-    manifest, through the cache."""
+    manifest, through the cache; the same pass keeps the full maps of the test images
+    the run's overlays will show."""
+    from ecg_mlflow.tracking.explanations import overlay_sample
+
     records = {r.relpath: r for r in manifest.records}
+    test = [records[p] for p in split.test]
+    overlaid = {test[i].sha256 for i in overlay_sample([r.relpath for r in test], [r.label for r in test],
+                                                       [r.sha256 for r in test])}
     paths_by_sha: dict[str, Path] = {}
     for record in manifest.records:
         paths_by_sha.setdefault(record.sha256, manifest.path_of(record))
     key = config.feature_key()
     _say(progress, f"{run_name(config)}: features for {len(paths_by_sha)} unique images of {len(records)} files")
     features, region_maps, cache = extract_features_and_region_maps(
-        paths_by_sha, key, config.cache_dir or default_cache_dir(), progress=progress
+        paths_by_sha, key, config.cache_dir or default_cache_dir(), progress=progress, full_maps_of=overlaid
     )
     _say(progress, f"{run_name(config)}: cache hits {cache.hits}, backbone passes {cache.misses}")
     return PreparedData(manifest, split, records, features, cache, region_maps)

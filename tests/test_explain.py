@@ -155,6 +155,23 @@ def test_full_maps_are_cached_for_the_overlay_sample(reports, tmp_path):
         np.testing.assert_array_equal(again[sha], maps)
 
 
+def test_the_feature_pass_keeps_the_full_maps_it_is_asked_for(reports, tmp_path, monkeypatch):
+    """The overlay sample's full maps come from the feature pass itself: load_full_maps then
+    finds them without a backbone pass, equal to the ones its own pass computes."""
+    import ecg_mlflow.model.region_cache as region_cache
+
+    key = FeatureKey(ARCH, "imagenet", HEIGHT, WIDTH, "none")
+    kept, skipped = sorted(reports)[:2], sorted(reports)[2:]
+    extract_features_and_region_maps(reports, key, tmp_path / "pass", full_maps_of=set(kept))
+    own_pass = load_full_maps({s: reports[s] for s in kept}, key, tmp_path / "own")
+    monkeypatch.setattr(region_cache, "run_maps_pass", lambda *a, **k: pytest.fail("a second backbone pass"))
+    found = load_full_maps({s: reports[s] for s in kept}, key, tmp_path / "pass")
+    for sha in kept:
+        np.testing.assert_array_equal(found[sha], own_pass[sha])
+    cache = region_cache.FullMapCache(tmp_path / "pass", key)
+    assert all(cache.load(sha) is None for sha in skipped)
+
+
 def test_occlusion_drops_only_regions_in_the_input(reports):
     import keras
 

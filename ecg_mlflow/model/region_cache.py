@@ -11,7 +11,8 @@ The region-map cache is a FeatureCache (folder or S3) inside the features' own (
 weights, size, crop, engine and precision, Keras), named by the template's digest, so a changed template never
 reuses old maps; the same checksummed atomic entries. A few images (the overlay sample of
 every run) also keep their FULL maps, in a third folder of the same kind, so that the
-overlay pictures of a 20-run study cost one backbone pass for those images, not twenty.
+overlay pictures of a 20-run study cost one backbone pass for those images, not twenty; where
+the caller names them (`full_maps_of`), that is the feature pass itself, not a pass of its own.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 
@@ -94,9 +95,12 @@ def extract_features_and_region_maps(
     *,
     build_maps_model: Callable | None = None,
     progress: bool = False,
+    full_maps_of: Collection[str] = (),
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], CacheStats]:
     """Features and region-pooled maps of every unique image (sha256 -> path), from the
-    caches where possible, else from one backbone pass per missing image.
+    caches where possible, else from one backbone pass per missing image. The images of
+    `full_maps_of` that pass keep their full maps too (FullMapCache, what load_full_maps
+    reads: the overlay sample, which then needs no pass of its own).
 
     Returns features (feature_dim,) and region maps (regions, feature_dim) by sha256, and
     what the caches did (a miss is an image that needed the backbone). Features already
@@ -123,7 +127,10 @@ def extract_features_and_region_maps(
                 missing.append(sha)
     if missing:
         model = build_maps_model() if build_maps_model is not None else shared_maps_model(key)
+        full_maps = FullMapCache(cache_dir, key) if full_maps_of else None
         for sha, maps, vector in run_maps_pass(model, missing, paths_by_sha, key, progress):
+            if full_maps is not None and sha in full_maps_of:
+                full_maps.store(sha, maps)
             pooled = regions.pool_by_region(maps[None], regions.region_weights(*maps.shape[:2], key.crop))[0]
             maps_cache.store(sha, pooled)
             region_maps[sha] = pooled
