@@ -24,7 +24,7 @@ def _colour(values: np.ndarray) -> np.ndarray:
     """Values in 0..1 -> uint8 RGB through COLORMAP."""
     from matplotlib import colormaps
 
-    return (colormaps[COLORMAP](np.clip(values, 0.0, 1.0))[..., :3] * 255).astype(np.uint8)
+    return colormaps[COLORMAP](np.clip(values, 0.0, 1.0), bytes=True)[..., :3]
 
 
 def _outline_regions(image: Image.Image, crop: str) -> None:
