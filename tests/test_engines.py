@@ -216,6 +216,34 @@ def test_a_backbones_seeds_share_its_openvino_pass_on_the_check_images(real_samp
     assert np.abs(kept[0] - kept[1]).max() > 1e-3  # each its own head
 
 
+def test_a_backbone_is_converted_once_for_its_feature_pass_and_its_whole_models(real_sample, tmp_path, monkeypatch):
+    """The feature pass (maps and features) and the whole model (its check, the served model)
+    run one OpenVINO compilation of the backbone's maps model: one conversion, and the whole
+    model's features are the cached ones."""
+    import keras
+
+    from ecg_mlflow.model import engines
+    from ecg_mlflow.model.head import build_head
+    from ecg_mlflow.model.region_cache import extract_features_and_region_maps
+    from ecg_mlflow.model.whole_model import assemble_model
+
+    conversions = []
+    convert = engines.convert_keras
+    monkeypatch.setattr(engines, "convert_keras", lambda model: conversions.append(model.name) or convert(model))
+    height, width = 48, 96  # a size no other test builds, so its extractor is converted here
+    key = FeatureKey(FEATURE_ARCH, "imagenet", height, width, "none", "openvino", "fp32")
+    features, _, stats = extract_features_and_region_maps(real_sample, key, tmp_path)
+    assert stats.misses == len(real_sample) and len(conversions) == 1
+    config = parse_train_config(arch=FEATURE_ARCH, weights="imagenet", image_height=str(height),
+                                image_width=str(width), engine="openvino", precision="fp32")
+    keras.utils.set_random_seed(1)
+    runner = whole_model_runner(assemble_model(config, build_head(1280, (16,), 0.2)), "openvino", "fp32")
+    assert len(conversions) == 1, conversions
+    shas = sorted(real_sample)
+    served = runner.backbone.predict_on_batch(load_batch([real_sample[s] for s in shas], height, width))
+    np.testing.assert_allclose(served, np.stack([features[s] for s in shas]), rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def promoted(tmp_path_factory):
     """Two real runs with engine=openvino, the first promoted through the CLI."""

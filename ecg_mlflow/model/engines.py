@@ -14,7 +14,10 @@ f32, so the capability is checked, not assumed). Two environment variables simul
 host for tests and for comparing engines on one machine: ECG_MLFLOW_DISABLE_OPENVINO=1 (as if
 openvino were not installed) and ECG_MLFLOW_DISABLE_BF16=1 (as if the CPU had no bf16).
 
-This module imports nothing else of ecg_mlflow: the served model ships it (SERVED_MODULES).
+Under OpenVINO a backbone is compiled as its maps model (`maps_model_of`), whose pooled output
+is the extractor's: one conversion per backbone serves the feature pass, which needs the maps too,
+and the whole model. This module imports nothing else of ecg_mlflow but explain.py (for that
+network): the served model ships both (SERVED_MODULES).
 """
 
 from __future__ import annotations
@@ -162,6 +165,7 @@ class OpenVinoRunner:
         self.compiled = openvino.Core().compile_model(converted, OPENVINO_DEVICE, config)
         self.precision = precision
         self.n_outputs = len(self.compiled.outputs)
+        self.features: PooledFeatures | None = None  # of a maps model: compiled_features' view of it
 
     @property
     def compiled_precision(self) -> str:
@@ -198,12 +202,58 @@ def compiled_openvino(model, precision: str) -> OpenVinoRunner:
 
 
 def extractor_runner(extractor, engine: str, precision: str):
-    """What runs the frozen extractor for (engine, precision): the Keras model itself, or its
-    OpenVINO compilation. Fails (EngineUnavailable) where the host cannot run the pair."""
+    """What runs the frozen extractor for (engine, precision): the Keras model itself, or the
+    OpenVINO compilation of its maps model, for the features (`compiled_features`). Fails
+    (EngineUnavailable) where the host cannot run the pair."""
     choice = require_engine(engine, precision)
     if choice.engine == "keras":
         return extractor
-    return compiled_openvino(extractor, choice.precision)
+    return compiled_features(extractor, choice.precision)
+
+
+def maps_runner(maps_model, engine: str, precision: str):
+    """What runs a maps model (`maps_model_of`) for (engine, precision): the Keras model
+    itself, or its OpenVINO compilation; both give [maps, features]."""
+    choice = require_engine(engine, precision)
+    if choice.engine == "keras":
+        return maps_model
+    return compiled_openvino(maps_model, choice.precision)
+
+
+def maps_model_of(extractor):
+    """The extractor's network with two outputs, its last convolution's maps and the pooled
+    features (explain.build_maps_model), built once per extractor object. It is the one
+    network OpenVINO compiles per backbone: the feature pass takes both outputs, the whole
+    model (its check in training and the served model) the features alone. So a study
+    converts each backbone once, not twice (a few seconds each), and the served model runs
+    the very graph its cached features came from."""
+    from ecg_mlflow.model.explain import build_maps_model
+
+    cached = getattr(extractor, "_ecg_maps_model", None)
+    if cached is None:
+        cached = build_maps_model(extractor)
+        extractor._ecg_maps_model = cached
+    return cached
+
+
+class PooledFeatures:
+    """A compiled maps model called for its pooled features alone, like a compiled extractor."""
+
+    def __init__(self, maps: OpenVinoRunner):
+        self.maps = maps
+
+    def predict_on_batch(self, pixels: np.ndarray) -> np.ndarray:
+        return self.maps.predict_on_batch(pixels)[1]
+
+
+def compiled_features(extractor, precision: str) -> PooledFeatures:
+    """The extractor's features through OpenVINO: its maps model compiled (once per process,
+    `compiled_openvino`), one PooledFeatures per compilation."""
+    maps = compiled_openvino(maps_model_of(extractor), precision)
+    with _COMPILED_LOCK:
+        if maps.features is None:
+            maps.features = PooledFeatures(maps)
+        return maps.features
 
 
 def split_whole_model(model):
@@ -240,7 +290,7 @@ class WholeModelRunner:
             self.backbone, self.head = None, None
         else:
             backbone, self.head = split_whole_model(model)
-            self.backbone = compiled_openvino(backbone, choice.precision)
+            self.backbone = compiled_features(backbone, choice.precision)
 
     def predict_on_batch(self, pixels: np.ndarray) -> np.ndarray:
         if self.backbone is None:

@@ -28,7 +28,7 @@ import numpy as np
 from ecg_mlflow.model import regions
 from ecg_mlflow.model.backbones import get_spec
 from ecg_mlflow.model.cache_store import open_store
-from ecg_mlflow.model.engines import extractor_runner
+from ecg_mlflow.model.engines import maps_model_of, maps_runner
 from ecg_mlflow.model.features import (
     _CHECKSUM_BYTES, KEY_FILE, LOAD_CHUNK, CacheStats, FeatureCache, FeatureKey, _pad_batch, decoded_batches,
     key_extractor,
@@ -78,14 +78,7 @@ class FullMapCache(FeatureCache):
 
 def shared_maps_model(key: FeatureKey):
     """The maps model of the process-wide extractor of `key` (built once, like the extractor)."""
-    from ecg_mlflow.model.explain import build_maps_model
-
-    extractor = key_extractor(key)
-    cached = getattr(extractor, "_ecg_maps_model", None)
-    if cached is None:
-        cached = build_maps_model(extractor)
-        extractor._ecg_maps_model = cached
-    return cached
+    return maps_model_of(key_extractor(key))
 
 
 def extract_features_and_region_maps(
@@ -145,7 +138,7 @@ def extract_features_and_region_maps(
 def run_maps_pass(model, shas: Sequence[str], paths_by_sha, key: FeatureKey, progress: bool = False):
     """Yield (sha, maps (h, w, k), features) batch by batch through the key's engine, padded
     as the feature pass pads (the same rounding whatever else was missing)."""
-    runner = extractor_runner(model, key.engine, key.precision)
+    runner = maps_runner(model, key.engine, key.precision)
     for batch, pixels in decoded_batches(shas, paths_by_sha, key, progress, f"{key.arch} features+maps"):
         maps, vectors = runner.predict_on_batch(_pad_batch(pixels))
         maps, vectors = np.asarray(maps)[: len(batch)], np.asarray(vectors)[: len(batch)]
