@@ -91,8 +91,8 @@ def main() -> None:
         f"probe, logged with `mlflow.keras.log_model` from the backbone's first archive, "
         f"tracking/keras_archive.py), the explanations (region table and chart, eight overlays), the "
         f"confusion matrix and curves: {later_s / max(later_n, 1):.1f} s per run after the first of its "
-        f"backbone, {first_s / len(first):.1f} s for that first one, which also converts the backbone "
-        f"for the check (OpenVINO) and runs it on the check's and the probe's images."
+        f"backbone, {first_s / len(first):.1f} s for that first one, which also runs the backbone on the "
+        f"check's and the probe's images and has Keras save the archive the later seeds start from."
     )
     print(body)
     if not args.no_write:
