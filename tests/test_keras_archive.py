@@ -13,7 +13,6 @@ import h5py
 import numpy as np
 import pytest
 
-from ecg_mlflow.model.engines import split_whole_model
 from ecg_mlflow.tracking import keras_archive
 from ecg_mlflow.tracking.keras_archive import WholeModelArchive, save_whole_model
 
@@ -59,9 +58,9 @@ def _no_templates():
 
 def test_a_later_seeds_archive_is_the_one_keras_saves(tmp_path):
     first, second = _whole_model(1), _whole_model(2)
-    save_whole_model(first, *split_whole_model(first), tmp_path / "first.keras")
+    save_whole_model(first, tmp_path / "first.keras")
     assert len(keras_archive._TEMPLATES) == 1  # the first was saved by Keras and kept
-    save_whole_model(second, *split_whole_model(second), tmp_path / "patched.keras")
+    save_whole_model(second, tmp_path / "patched.keras")
     second.save(tmp_path / "keras.keras")
 
     patched, by_keras = _members(tmp_path / "patched.keras"), _members(tmp_path / "keras.keras")
@@ -85,8 +84,8 @@ def test_the_patched_archive_loads_and_predicts_as_the_seeds_model(tmp_path):
     import keras
 
     first, second = _whole_model(1), _whole_model(2)
-    save_whole_model(first, *split_whole_model(first), tmp_path / "first.keras")
-    WholeModelArchive(second, *split_whole_model(second)).save(tmp_path / "second.keras")
+    save_whole_model(first, tmp_path / "first.keras")
+    WholeModelArchive(second).save(tmp_path / "second.keras")
     loaded = keras.saving.load_model(tmp_path / "second.keras")
     pixels = np.random.default_rng(0).uniform(0, 255, (2, HEIGHT, WIDTH, 3)).astype(np.float32)
     np.testing.assert_allclose(loaded.predict_on_batch(pixels), second.predict_on_batch(pixels), atol=1e-6)
@@ -94,8 +93,8 @@ def test_the_patched_archive_loads_and_predicts_as_the_seeds_model(tmp_path):
 
 def test_a_head_of_another_shape_is_saved_by_keras(tmp_path):
     first, other = _whole_model(1), _whole_model(2, units=(24,))
-    save_whole_model(first, *split_whole_model(first), tmp_path / "first.keras")
-    save_whole_model(other, *split_whole_model(other), tmp_path / "other.keras")
+    save_whole_model(first, tmp_path / "first.keras")
+    save_whole_model(other, tmp_path / "other.keras")
     assert len(keras_archive._TEMPLATES) == 2  # a template of its own, not the first's patched
     other.save(tmp_path / "keras.keras")
     assert _members(tmp_path / "other.keras")["config.json"] == _members(tmp_path / "keras.keras")["config.json"]

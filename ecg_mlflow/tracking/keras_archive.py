@@ -48,17 +48,20 @@ class WholeModelArchive:
     saves a `.keras` model by calling the model's `save(path)` and nothing else, and this
     writes the archive `save_whole_model` makes for the model."""
 
-    def __init__(self, model, extractor, head):
-        self.model, self.extractor, self.head = model, extractor, head
+    def __init__(self, model):
+        self.model = model
 
     def save(self, filepath, **_) -> None:
-        save_whole_model(self.model, self.extractor, self.head, filepath)
+        save_whole_model(self.model, filepath)
 
 
-def save_whole_model(model, extractor, head, filepath) -> None:
-    """`model.save(filepath)`'s archive for the whole model `model` = extractor + head: from
-    the template of this extractor and head configuration when there is one, else saved
-    by Keras (and kept as the template)."""
+def save_whole_model(model, filepath) -> None:
+    """`model.save(filepath)`'s archive for the whole model `model` (extractor + head,
+    engines.split_whole_model): from the template of this extractor and head configuration
+    when there is one, else saved by Keras (and kept as the template)."""
+    from ecg_mlflow.model.engines import split_whole_model
+
+    extractor, head = split_whole_model(model)
     key = (id(extractor), model.name, str(model.input_shape), json.dumps(head.get_config(), sort_keys=True, default=str))
     with _TEMPLATES_LOCK:
         template = _TEMPLATES.get(key)

@@ -13,7 +13,7 @@ import numpy as np
 from ecg_mlflow import schema
 from ecg_mlflow.config import TrainConfig
 from ecg_mlflow.data.preprocess import load_batch
-from ecg_mlflow.model.engines import probe_pixels, split_whole_model, whole_model_runner
+from ecg_mlflow.model.engines import probe_pixels, whole_model_runner
 from ecg_mlflow.model.whole_model import assemble_model, check_model_matches_head
 from ecg_mlflow.tracking.keras_archive import WholeModelArchive
 
@@ -118,7 +118,7 @@ def log_whole_model(config: TrainConfig, head, image_paths, features, say) -> fl
     say(f"whole model ({runner.choice.describe()}) equals head on cached features "
         f"(max abs diff {diff:.1e}); logging it")
     mlflow.keras.log_model(
-        WholeModelArchive(model, *split_whole_model(model)),  # Keras' archive, the backbone's part saved once
+        WholeModelArchive(model),  # Keras' archive, the backbone's part saved once per process
         name=schema.MODEL_ARTIFACT,
         signature=model_signature(config.image_height, config.image_width),
         pip_requirements=keras_requirements(*engine_packages(config.engine)),
