@@ -65,3 +65,49 @@ def test_the_bias_step_is_adam_on_the_summed_gradient():
     bias_step(grad, bias, m, v, *adam)
     for got, want in zip((bias, m, v), expected):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
+
+
+def test_subnormal_moments_flush_to_zero_as_under_keras_adam():
+    """Keras' Adam runs in TensorFlow's threads, which flush subnormals (FTZ and DAZ): a
+    first moment of 1e-39 with a zero gradient becomes 0, not 9e-40. The step does the
+    same (model/denormals.py), so moments never linger in the slow subnormal range."""
+    import keras
+    import tensorflow as tf
+
+    tiny = np.float32(1e-39)  # subnormal: below float32's smallest normal, 1.18e-38
+    kernel = np.ones((4, 8), np.float32)
+    m, v = np.full_like(kernel, tiny), np.full_like(kernel, 1e-6)
+    optimizer = keras.optimizers.Adam(1e-3)
+    variable = keras.Variable(kernel.copy())
+    optimizer.build([variable])
+    optimizer._momentums[0].assign(m)
+    optimizer._velocities[0].assign(v)
+    optimizer.apply_gradients([(tf.zeros_like(kernel), variable)])
+    keras_m = optimizer._momentums[0].numpy()
+    assert np.all(keras_m == 0)
+
+    dense_step(np.zeros((4, 2), np.float32), np.zeros((2, 8), np.float32), kernel, m, v, *_adam_scalars(1e-3, 0))
+    assert np.array_equal(m, keras_m)
+
+
+def test_the_kernels_leave_their_threads_float_mode_as_it_was():
+    """Flushing is for the kernels alone: afterwards NumPy on this thread and Numba's
+    worker threads still produce subnormals (IEEE gradual underflow)."""
+    from numba import njit, prange
+
+    @njit(parallel=True)
+    def products(a, b):
+        out = np.empty_like(a)
+        for i in prange(len(a)):
+            out[i] = a[i] * b[i]
+        return out
+
+    x, kernel, grad, m, v = _arrays(16, 64, 32)
+    dense_step(np.ascontiguousarray(x.T), grad, kernel, m, v, *_adam_scalars(1e-3, 0))
+    dense_forward(x, kernel, np.zeros(32, np.float32), np.empty((16, 32), np.float32))
+    input_gradient(grad, kernel, np.empty((16, 64), np.float32))
+    bias_step(grad, np.zeros(32, np.float32), np.zeros(32, np.float32), np.zeros(32, np.float32),
+              *_adam_scalars(1e-3, 0))
+    small = np.full(4096, 1e-20, np.float32)
+    assert np.all(small * small > 0)  # 1e-40: subnormal, not flushed
+    assert np.all(products(small, small) > 0)
