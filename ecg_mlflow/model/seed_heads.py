@@ -30,8 +30,8 @@ Every seed stays an independent replicate with the randomness `train_head` gives
 How close to `train_head` (tests/test_seed_heads.py): the batches and masks are the same,
 the arithmetic is not bitwise. Reductions run in another order (a full-batch validation
 pass instead of Keras' batches of 16, the weight gradient summed row by row instead of
-in a oneDNN matmul), so values differ in the last float32 digits (~1e-7 relative per
-step). Training amplifies that slowly: the curves agree to within CURVE_TOLERANCE over
+in a oneDNN matmul, multiply-adds fused in Adam too), so values differ in the last
+float32 digits (~1e-7 relative per step). Training amplifies that slowly: the curves agree to within CURVE_TOLERANCE over
 the first epochs and the trained heads give the same test labels; over many epochs the
 difference can grow as it does between any two float orders of the same computation. A
 seed whose validation loss ties its best to the last digit could therefore stop one
