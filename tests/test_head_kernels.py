@@ -5,7 +5,7 @@ not multiples of the kernels' blocks of four, and the step's two sweep direction
 import numpy as np
 import pytest
 
-from ecg_mlflow.model.head_kernels import bias_step, dense_forward, dense_step, input_gradient
+from ecg_mlflow.model.head_kernels import FORWARD_CHUNKS, bias_step, dense_forward, dense_step, input_gradient, sum_chunks
 from ecg_mlflow.model.seed_heads import _adam_scalars
 
 SHAPES = [(16, 1280, 1024), (13, 1030, 7), (1, 3, 5), (5, 512, 4)]  # batch, inputs, outputs
@@ -55,6 +55,29 @@ def test_the_step_is_adam_on_the_weight_gradient_in_either_sweep(batch, n_in, n_
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     for forwards, backwards in zip(swept[False], swept[True]):
         assert np.array_equal(forwards, backwards)  # rows are independent: same bits
+
+
+@pytest.mark.parametrize("batch,n_in,n_out", SHAPES)
+def test_the_step_forms_the_next_forward_pass_bit_for_bit(batch, n_in, n_out):
+    """Given the next batch, the step's updated rows also go into that batch's forward
+    sums: the same update as without, and the same bits as dense_forward on the updated
+    kernel, in either sweep (the next batch may be shorter: an epoch's last one)."""
+    x, kernel, grad, m, v = _arrays(batch, n_in, n_out)
+    next_x = np.abs(np.random.default_rng(n_in).normal(size=(max(1, batch - 3), n_in))).astype(np.float32)
+    bias = np.linspace(-1, 1, n_out).astype(np.float32)
+    adam = _adam_scalars(1e-3, 7)
+    for backwards in (False, True):
+        plain = [kernel.copy(), m.copy(), v.copy()]
+        dense_step(np.ascontiguousarray(x.T), grad, *plain, *adam, backwards=backwards)
+        fused = [kernel.copy(), m.copy(), v.copy()]
+        partial = np.full((FORWARD_CHUNKS, len(next_x), n_out), np.nan, np.float32)
+        dense_step(np.ascontiguousarray(x.T), grad, *fused, *adam, backwards, next_x, partial)
+        for a, b in zip(plain, fused):
+            assert np.array_equal(a, b)
+        ahead, forward = (np.empty((len(next_x), n_out), np.float32) for _ in range(2))
+        sum_chunks(partial, bias, ahead)
+        dense_forward(next_x, fused[0], bias, forward)
+        assert np.array_equal(ahead, forward)
 
 
 def test_the_bias_step_is_adam_on_the_summed_gradient():

@@ -9,7 +9,9 @@ as two passes. Here one parallel loop over the kernel's rows computes each row's
 so kernel and moments cross memory once per step and the gradient never does. Every
 loop is blocked four by four (four batch rows with four kernel rows), so each value
 loaded feeds four products (the step 1.6x as fast as a row at a time, with its kernel in
-cache, measured here); the forward pass streams contiguous runs of kernel rows.
+cache, measured here); the forward pass streams contiguous runs of kernel rows, and
+the step can form the next batch's forward pass through each updated row while it is in
+cache (a first layer's kernel then crosses memory once per step, not twice).
 
 The update is Keras' Adam.update_step term for term in float32, with the learning rate
 already scaled by the bias corrections as Keras forms it, and every kernel flushes
@@ -39,92 +41,129 @@ def dense_forward(inputs, kernel, bias, out):
     into FORWARD_CHUNKS contiguous chunks, one task each, streamed in order four rows at a
     time into four batch rows' sums at once (every kernel value loaded feeds four sums,
     every sum loaded takes four products); the chunks' partial sums are then added in
-    chunk order, so the result does not depend on the threads. Contiguous rows stream
-    from memory at full speed where column blocks of every row did not (0.84 vs 1.33 ms
-    for 16 x 2048 x 1024 with the kernel out of cache, measured here)."""
+    chunk order (`sum_chunks`), so the result does not depend on the threads. Contiguous
+    rows stream from memory at full speed where column blocks of every row did not (0.84
+    vs 1.33 ms for 16 x 2048 x 1024 with the kernel out of cache, measured here)."""
     batch, n_in = inputs.shape
     n_out = kernel.shape[1]
-    per_chunk = ((n_in + 3) // 4 + FORWARD_CHUNKS - 1) // FORWARD_CHUNKS * 4
+    per_chunk = _rows_per_chunk(n_in)
     partial = np.zeros((FORWARD_CHUNKS, batch, n_out), np.float32)
     for chunk in prange(FORWARD_CHUNKS):
         saved = flush_subnormals()
         sums = partial[chunk]
         start = chunk * per_chunk
         stop = min(n_in, start + per_chunk)
-        i = start
-        while i + 4 <= stop:
-            r0, r1, r2, r3 = kernel[i], kernel[i + 1], kernel[i + 2], kernel[i + 3]
-            k = 0
-            while k + 4 <= batch:
-                a0, a1, a2, a3 = inputs[k, i], inputs[k, i + 1], inputs[k, i + 2], inputs[k, i + 3]
-                b0, b1, b2, b3 = inputs[k + 1, i], inputs[k + 1, i + 1], inputs[k + 1, i + 2], inputs[k + 1, i + 3]
-                c0, c1, c2, c3 = inputs[k + 2, i], inputs[k + 2, i + 1], inputs[k + 2, i + 2], inputs[k + 2, i + 3]
-                d0, d1, d2, d3 = inputs[k + 3, i], inputs[k + 3, i + 1], inputs[k + 3, i + 2], inputs[k + 3, i + 3]
-                s0, s1, s2, s3 = sums[k], sums[k + 1], sums[k + 2], sums[k + 3]
-                for j in range(n_out):
-                    w0, w1, w2, w3 = r0[j], r1[j], r2[j], r3[j]
-                    s0[j] += a0 * w0 + a1 * w1 + a2 * w2 + a3 * w3
-                    s1[j] += b0 * w0 + b1 * w1 + b2 * w2 + b3 * w3
-                    s2[j] += c0 * w0 + c1 * w1 + c2 * w2 + c3 * w3
-                    s3[j] += d0 * w0 + d1 * w1 + d2 * w2 + d3 * w3
-                k += 4
-            for k in range(k, batch):
-                a0, a1, a2, a3 = inputs[k, i], inputs[k, i + 1], inputs[k, i + 2], inputs[k, i + 3]
-                row = sums[k]
-                for j in range(n_out):
-                    row[j] += a0 * r0[j] + a1 * r1[j] + a2 * r2[j] + a3 * r3[j]
-            i += 4
-        for i in range(i, stop):
-            r0 = kernel[i]
-            for k in range(batch):
-                a0, row = inputs[k, i], sums[k]
-                for j in range(n_out):
-                    row[j] += a0 * r0[j]
+        for first in range(start, stop, 4):
+            _add_rows(inputs, kernel, first, min(4, stop - first), sums)
         restore_float_mode(saved)
+    sum_chunks(partial, bias, out)
+
+
+@njit(parallel=True, cache=True)
+def sum_chunks(partial, bias, out):
+    """out = the chunks' partial sums added in chunk order, plus the bias."""
+    n_chunks, batch, n_out = partial.shape
     for k in prange(batch):
         saved = flush_subnormals()
         for j in range(n_out):
             total = partial[0, k, j]
-            for chunk in range(1, FORWARD_CHUNKS):
+            for chunk in range(1, n_chunks):
                 total += partial[chunk, k, j]
             out[k, j] = total + bias[j]
         restore_float_mode(saved)
 
 
+@njit(cache=True, inline="always")
+def _rows_per_chunk(n_in):
+    """Rows of each of the FORWARD_CHUNKS chunks: a multiple of four (the last may be short)."""
+    return ((n_in + 3) // 4 + FORWARD_CHUNKS - 1) // FORWARD_CHUNKS * 4
+
+
+@njit(cache=True, inline="always")
+def _add_rows(inputs, kernel, first, rows, sums):
+    """sums += inputs[:, first:first + rows] @ kernel[first:first + rows], rows <= 4: four
+    kernel rows into four batch rows' sums at once, leftover batch rows and kernel rows
+    one at a time."""
+    batch, n_out = sums.shape
+    i = first
+    if rows == 4:
+        r0, r1, r2, r3 = kernel[i], kernel[i + 1], kernel[i + 2], kernel[i + 3]
+        k = 0
+        while k + 4 <= batch:
+            a0, a1, a2, a3 = inputs[k, i], inputs[k, i + 1], inputs[k, i + 2], inputs[k, i + 3]
+            b0, b1, b2, b3 = inputs[k + 1, i], inputs[k + 1, i + 1], inputs[k + 1, i + 2], inputs[k + 1, i + 3]
+            c0, c1, c2, c3 = inputs[k + 2, i], inputs[k + 2, i + 1], inputs[k + 2, i + 2], inputs[k + 2, i + 3]
+            d0, d1, d2, d3 = inputs[k + 3, i], inputs[k + 3, i + 1], inputs[k + 3, i + 2], inputs[k + 3, i + 3]
+            s0, s1, s2, s3 = sums[k], sums[k + 1], sums[k + 2], sums[k + 3]
+            for j in range(n_out):
+                w0, w1, w2, w3 = r0[j], r1[j], r2[j], r3[j]
+                s0[j] += a0 * w0 + a1 * w1 + a2 * w2 + a3 * w3
+                s1[j] += b0 * w0 + b1 * w1 + b2 * w2 + b3 * w3
+                s2[j] += c0 * w0 + c1 * w1 + c2 * w2 + c3 * w3
+                s3[j] += d0 * w0 + d1 * w1 + d2 * w2 + d3 * w3
+            k += 4
+        for k in range(k, batch):
+            a0, a1, a2, a3 = inputs[k, i], inputs[k, i + 1], inputs[k, i + 2], inputs[k, i + 3]
+            row = sums[k]
+            for j in range(n_out):
+                row[j] += a0 * r0[j] + a1 * r1[j] + a2 * r2[j] + a3 * r3[j]
+    else:
+        for i in range(first, first + rows):
+            r0 = kernel[i]
+            for k in range(batch):
+                a0, row = inputs[k, i], sums[k]
+                for j in range(n_out):
+                    row[j] += a0 * r0[j]
+
+
 @njit(parallel=True, cache=True, fastmath={"contract"})
 def dense_step(inputs_t, output_grad, kernel, m, v, alpha, one_minus_beta_1, one_minus_beta_2, epsilon,
-               backwards=False):
-    """kernel -= Adam(inputs_t.T @ output_grad), moments included, in place.
+               backwards=False, next_inputs=None, next_partial=None):
+    """kernel -= Adam(inputs_t.T @ output_grad), moments included, in place; given the
+    next step's inputs, also that step's forward pass through the updated kernel.
 
     inputs_t: [I, B] the layer's inputs, transposed (contiguous per input unit);
     output_grad: [B, J] the loss' gradient at the layer's pre-activation;
     kernel, m, v: [I, J] float32;
     the scalars float32 (alpha = lr * sqrt(1 - b2^t) / (1 - b1^t), as Keras forms it).
-    Each task forms four kernel rows' gradients at once (every gradient value loaded
-    feeds four rows), then applies Adam to them. A row's gradient sums the batch four
-    rows at a time, in the same order whether its row is one of four or alone.
-    backwards: visit the rows last to first. Rows are independent, so the result is
-    the same either way; alternating directions step by step starts each step on the
-    rows the last one touched last, still in cache (a seed's kernels and moments, about
-    30 MiB at width 2048, are about this CPU's L3: sweeping one way each time, every
-    step would find its first rows evicted).
+    The rows are cut into dense_forward's chunks, one task each. Per four rows the task
+    forms their gradients at once (every gradient value loaded feeds four rows), then
+    applies Adam to them. A row's gradient sums the batch four rows at a time, in the same
+    order whether its row is one of four or alone.
+    backwards: visit the chunks last to first. Rows are independent, so the result is the
+    same either way; alternating directions step by step starts each step on rows the
+    last one touched last, the likeliest still in cache.
+    next_inputs [B', I], next_partial [FORWARD_CHUNKS, B', J]: each chunk's updated rows
+    go on into next_inputs' forward sums while they are in cache, as dense_forward forms
+    them: `sum_chunks(next_partial, updated bias, out)` is then bit for bit
+    dense_forward(next_inputs, kernel, updated bias, out), without reading the kernel
+    from memory again (a first layer's kernel is most of a step's traffic).
     """
     n_in, n_out = kernel.shape
-    n_quads = (n_in + 3) // 4
-    for task in prange(n_quads):
+    per_chunk = _rows_per_chunk(n_in)
+    for task in prange(FORWARD_CHUNKS):
         saved = flush_subnormals()
-        quad = np.int64(task)  # prange's index is unsigned
-        first = (n_quads - 1 - quad if backwards else quad) * 4
-        rows = min(4, n_in - first)
-        gradient = np.zeros((4, n_out), np.float32)
-        if rows == 4:
-            _four_row_gradients(inputs_t, first, output_grad, gradient)
-        else:
+        chunk = np.int64(task)  # prange's index is unsigned
+        if backwards:
+            chunk = FORWARD_CHUNKS - 1 - chunk
+        start = chunk * per_chunk
+        stop = min(n_in, start + per_chunk)
+        gradient = np.empty((4, n_out), np.float32)
+        if next_partial is not None:
+            next_partial[chunk] = 0
+        for first in range(start, stop, 4):
+            rows = min(4, stop - first)
+            gradient[:] = 0
+            if rows == 4:
+                _four_row_gradients(inputs_t, first, output_grad, gradient)
+            else:
+                for r in range(rows):
+                    _row_gradient(inputs_t[first + r], 0, output_grad, gradient[r])
             for r in range(rows):
-                _row_gradient(inputs_t[first + r], 0, output_grad, gradient[r])
-        for r in range(rows):
-            i = first + r
-            _adam_update(gradient[r], kernel[i], m[i], v[i], alpha, one_minus_beta_1, one_minus_beta_2, epsilon)
+                i = first + r
+                _adam_update(gradient[r], kernel[i], m[i], v[i], alpha, one_minus_beta_1, one_minus_beta_2, epsilon)
+            if next_inputs is not None:
+                _add_rows(next_inputs, kernel, first, rows, next_partial[chunk])
         restore_float_mode(saved)
 
 

@@ -5,9 +5,13 @@ overhead and its unfused Adam (about ten elementwise passes over each 2048 x 102
 kernel). Here each seed's step is a handful of Numba loops on both cores
 (model/head_kernels.py): the forward pass, and per dense layer the input gradient and
 one loop that forms the weight gradient and applies Adam in the same pass over kernel
-and moments. The first kernel and its moments (25 MB at width 2048, about this CPU's
-L3) are read and written every step; this crosses them the fewest times Adam allows,
-and sweeps them in alternate directions so each step starts on what is still in cache.
+and moments; the first layer's loop also takes the updated rows on into the next batch's
+forward pass, so the next step does not read that kernel again. The first kernel and
+its moments (25 MB at width 2048) are read and written every step, which bounds a step
+by memory traffic (on an Intel Xeon of this kind about 24 GB/s, as a plain copy gets);
+this crosses them the fewest times Adam allows (on the real lite0 features, forming the
+next forward pass in the update took a seed's step from 2.11 to 1.99 ms), and sweeps
+them in alternate directions so each step starts on what is still in cache.
 Seeds take turns epoch by epoch (one seed's whole epoch, then the next's), so every
 epoch ends with a report of all seeds that trained it, and a seed that stopped early
 costs nothing more. (A TensorFlow graph with every seed's step side by side and Adam in
@@ -47,7 +51,7 @@ import numpy as np
 
 from ecg_mlflow.model.head import HeadConfig, HeadHistory, build_head
 from ecg_mlflow.model.dropout_masks import dropout_masks
-from ecg_mlflow.model.head_kernels import bias_step, dense_forward, dense_step, input_gradient
+from ecg_mlflow.model.head_kernels import FORWARD_CHUNKS, bias_step, dense_forward, dense_step, input_gradient, sum_chunks
 
 ADAM_BETA_1 = 0.9  # Keras' Adam defaults, which train_head uses
 ADAM_BETA_2 = 0.999
@@ -81,12 +85,14 @@ class _Seed:
     velocities: list[np.ndarray]
     dropout_seeds: np.ndarray
     orders: Iterator[np.ndarray]
+    upcoming: np.ndarray | None  # the next epoch's order, drawn one epoch ahead
     history: HeadHistory
     steps: int = 0  # Adam iterations and dropout draws so far
     wait: int = 0
     best_loss: float | None = None
     best_weights: list[np.ndarray] | None = None
     active: bool = True
+    first_z: np.ndarray | None = None  # the next step's first-layer pre-activation, formed by this step
 
 
 def train_seed_heads(
@@ -164,7 +170,7 @@ def _start_seed(rows: SeedRows, feature_dim: int, config: HeadConfig, shuffle: b
         rows=rows, head=head, weights=weights,
         momenta=[_zeros_in_own_pages(w.shape) for w in weights],
         velocities=[_zeros_in_own_pages(w.shape) for w in weights],
-        dropout_seeds=dropout_seeds, orders=orders, history=HeadHistory(),
+        dropout_seeds=dropout_seeds, orders=orders, upcoming=next(orders), history=HeadHistory(),
     )
 
 
@@ -258,30 +264,40 @@ def _build_dropout_masks(config: HeadConfig) -> Callable[[np.ndarray, int, int],
 def _train_epoch(state: _Seed, x: np.ndarray, y: np.ndarray, config: HeadConfig, masks) -> dict[str, float]:
     """One epoch of one seed, batch by batch in its Keras order: the epoch's mean loss
     and accuracy, as Keras' fit logs them."""
-    order = state.rows.train[next(state.orders)]
+    order = state.rows.train[state.upcoming]
+    state.upcoming = next(state.orders, None)
     starts = range(0, len(order), config.batch_size)
     epoch_masks = masks(state.dropout_seeds, state.steps, len(starts))
     loss_sum = correct = 0.0
     for index, start in enumerate(starts):
         rows = order[start:start + config.batch_size]
+        if index + 1 < len(starts):
+            next_rows = order[start + config.batch_size:start + 2 * config.batch_size]
+        else:  # the next epoch's first batch, if the seed trains on
+            next_rows = None if state.upcoming is None else state.rows.train[state.upcoming[:config.batch_size]]
         batch_masks = [m[index, :len(rows)] for m in epoch_masks]
-        batch_loss, batch_correct = _train_step(state, x[rows], y[rows], batch_masks, config.learning_rate)
+        batch_loss, batch_correct = _train_step(state, x[rows], y[rows], batch_masks, config.learning_rate,
+                                                None if next_rows is None else x[next_rows])
         loss_sum += batch_loss * len(rows)
         correct += batch_correct
         state.steps += 1
     return {"loss": loss_sum / len(order), "accuracy": correct / len(order)}
 
 
-def _train_step(state: _Seed, batch_x: np.ndarray, batch_y: np.ndarray, masks: list, learning_rate: float):
+def _train_step(state: _Seed, batch_x: np.ndarray, batch_y: np.ndarray, masks: list, learning_rate: float,
+                next_x: np.ndarray | None):
     """One Adam step of one seed: forward with its dropout masks, backward, and each
-    layer's update fused with its weight gradient (model/head_kernels.py). Returns the
-    batch's mean loss and number of correct rows."""
+    layer's update fused with its weight gradient (model/head_kernels.py); the first
+    layer's update also forms the next batch's (`next_x`) first-layer pre-activation,
+    which the next step starts from. Returns the batch's mean loss and number of
+    correct rows."""
     weights = state.weights
     n_layers = len(weights) // 2
     inputs, pre_activations = [batch_x], []
     h = batch_x
     for layer in range(n_layers - 1):
-        z = _dense(h, weights[2 * layer], weights[2 * layer + 1])
+        z = state.first_z if layer == 0 and state.first_z is not None else _dense(h, weights[2 * layer],
+                                                                                  weights[2 * layer + 1])
         pre_activations.append(z)
         h = np.maximum(z, 0)
         if masks:
@@ -290,15 +306,22 @@ def _train_step(state: _Seed, batch_x: np.ndarray, batch_y: np.ndarray, masks: l
     probabilities, losses = _softmax_cross_entropy(_dense(h, weights[-2], weights[-1]), batch_y)
     grad = (probabilities - batch_y) / np.float32(len(batch_y))
     adam = _adam_scalars(learning_rate, state.steps)
+    fuse = n_layers > 1 and next_x is not None  # the first layer is a hidden one, and a step follows
+    partial = np.empty((FORWARD_CHUNKS, len(next_x), weights[0].shape[1]), np.float32) if fuse else None
+    state.first_z = None
     for layer in reversed(range(n_layers)):
         kernel, bias = 2 * layer, 2 * layer + 1
         if layer:
             below = np.empty((len(grad), weights[kernel].shape[0]), np.float32)
             input_gradient(grad, weights[kernel], below)  # with the kernel before its update
+        ahead = (next_x, partial) if layer == 0 and fuse else ()
         dense_step(np.ascontiguousarray(inputs[layer].T), grad, weights[kernel],
                    state.momenta[kernel], state.velocities[kernel], *adam,
-                   backwards=state.steps % 2 == 1)  # the rows in cache first
+                   state.steps % 2 == 1, *ahead)  # backwards on odd steps: the rows in cache first
         bias_step(grad, weights[bias], state.momenta[bias], state.velocities[bias], *adam)
+        if ahead:
+            state.first_z = np.empty((len(next_x), weights[0].shape[1]), np.float32)
+            sum_chunks(partial, weights[bias], state.first_z)
         if layer:
             below = below * masks[layer - 1] if masks else below
             grad = below * (pre_activations[layer - 1] > 0)
