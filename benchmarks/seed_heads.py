@@ -185,11 +185,12 @@ def main() -> None:
         "Where the time goes: Keras runs one seed's step at a time with an unfused Adam (about ten "
         "elementwise passes over each 2048 x 1024 kernel); together, each step is a few Numba loops "
         "(model/head_kernels.py): the forward pass, and per dense layer its weight gradient and Adam "
-        "update in one pass over kernel and moments, blocked four by four, on both cores, sweeping "
-        "the rows in alternate directions so each step starts on what is still in cache; the dropout "
-        "masks are TensorFlow's, drawn in Numba (model/dropout_masks.py); a seed that stopped costs "
-        "nothing. The first kernel and its two moments are read and written every step (25 MB at "
-        "width 2048), about this CPU's L3."
+        "update in one pass over kernel and moments (the first layer's pass also forms the next "
+        "batch's forward pass), blocked four by four, on both cores, with subnormals flushed to zero "
+        "as TensorFlow does; the dropout masks are TensorFlow's, drawn in Numba "
+        "(model/dropout_masks.py); a seed that stopped costs nothing. The first kernel and its two "
+        "moments are read and written every step (25 MB at width 2048), so a step runs at about the "
+        "speed memory streams them."
     )
     write_section("Head training: seeds together", body)
 
