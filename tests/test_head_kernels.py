@@ -5,7 +5,8 @@ not multiples of the kernels' blocks of four, and the step's two sweep direction
 import numpy as np
 import pytest
 
-from ecg_mlflow.model.head_kernels import FORWARD_CHUNKS, bias_step, dense_forward, dense_step, input_gradient, sum_chunks
+from ecg_mlflow.model.head_kernels import (FORWARD_CHUNKS, bias_step, dense_forward, dense_step, input_gradient,
+                                           sum_chunks)
 from ecg_mlflow.model.seed_heads import _adam_scalars
 
 SHAPES = [(16, 1280, 1024), (13, 1030, 7), (1, 3, 5), (5, 512, 4)]  # batch, inputs, outputs

@@ -35,11 +35,12 @@ How close to `train_head` (tests/test_seed_heads.py): the batches and masks are 
 the arithmetic is not bitwise. Reductions run in another order (a full-batch validation
 pass instead of Keras' batches of 16, the weight gradient summed row by row instead of
 in a oneDNN matmul, multiply-adds fused in Adam too), so values differ in the last
-float32 digits (~1e-7 relative per step). Training amplifies that slowly: the curves agree to within CURVE_TOLERANCE over
-the first epochs and the trained heads give the same test labels; over many epochs the
-difference can grow as it does between any two float orders of the same computation. A
-seed whose validation loss ties its best to the last digit could therefore stop one
-epoch apart from `train_head`.
+float32 digits (~1e-7 relative per step). Training amplifies that slowly: the curves
+agree to within CURVE_TOLERANCE over the first epochs and the trained heads give the
+same test labels; over many epochs the difference can grow as it does between any two
+float orders of the same computation. A seed whose validation loss ties its best to the
+last digit could therefore stop one epoch apart from `train_head`. Subnormals flush to
+zero here as in TensorFlow's threads (model/denormals.py).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ import numpy as np
 
 from ecg_mlflow.model.head import HeadConfig, HeadHistory, build_head
 from ecg_mlflow.model.dropout_masks import dropout_masks
-from ecg_mlflow.model.head_kernels import FORWARD_CHUNKS, bias_step, dense_forward, dense_step, input_gradient, sum_chunks
+from ecg_mlflow.model.head_kernels import (FORWARD_CHUNKS, bias_step, dense_forward, dense_step, input_gradient,
+                                           sum_chunks)
 
 ADAM_BETA_1 = 0.9  # Keras' Adam defaults, which train_head uses
 ADAM_BETA_2 = 0.999
