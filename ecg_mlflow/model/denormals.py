@@ -14,7 +14,8 @@ brings the kernels' arithmetic closer to `train_head`'s.
 MXCSR; `restore_float_mode(saved)` puts it back. A parallel kernel calls the pair at the
 start and end of each prange task, so Numba's worker threads and the caller's own
 thread (NumPy, Python) keep IEEE behaviour outside the kernels. On other CPUs the pair
-does nothing.
+does nothing. (Numba's on-disk cache keys each kernel by its own file alone: after
+editing this one, touch model/head_kernels.py so its kernels compile again.)
 """
 
 from __future__ import annotations
