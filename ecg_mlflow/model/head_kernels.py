@@ -32,7 +32,7 @@ from numba import njit, prange
 from ecg_mlflow.model.denormals import flush_subnormals, restore_float_mode
 
 
-FORWARD_CHUNKS = 8  # tasks of dense_forward: runs of the kernel's rows, each with its own sums
+FORWARD_CHUNKS = 8  # tasks of dense_forward and dense_step: runs of the kernel's rows, each with its own sums
 
 
 @njit(parallel=True, cache=True, fastmath={"contract"})
