@@ -4,8 +4,10 @@ Runs `ecg-mlflow study` of two offline pretrained backbones, 10 seeds, 512 x 102
 split=grouped, engine=openvino fp32 (the default engine), into a fresh tracking store with an
 empty feature cache (every unique image through each backbone, region maps included), then
 reads the tracked runs: the study's wall time, its backbone passes (`time_features_s` over its
-runs), its heads (`time_head_s`) and the rest (assembling, checking and logging 20 runs, the
-analysis). Writes the "Cold 20-run study" section of docs/benchmarks.md.
+runs), then what follows them up to the last run logged (heads in child processes, each
+process's runs logged as it finishes: `time_head_s` and the runs' durations say what went
+on side by side), and the analysis. Writes the "Cold 20-run study" section of
+docs/benchmarks.md.
 
     .venv/bin/python benchmarks/cold_study.py
 """
@@ -59,40 +61,48 @@ def main() -> None:
     from real_results import tracked_studies
     from report import machine, markdown_table, write_section
 
+    from ecg_mlflow.study import head_processes
+
+    processes = head_processes()
     studies = tracked_studies(mlflow.MlflowClient(), EXPERIMENT, "openvino")
     study, children, _ = studies[("grouped", "none")]
     wall = (study.info.end_time - study.info.start_time) / 1000
     features = sum(r.data.metrics.get("time_features_s", 0.0) for r in children)
     heads = sum(r.data.metrics.get("time_head_s", 0.0) for r in children)
-    rest = wall - features - heads
+    after_passes = (max(r.info.end_time for r in children) - study.info.start_time) / 1000 - features
     logging = {run.info.run_id: (run.info.end_time - run.info.start_time) / 1000 for run in children}
     first = [min((r for r in children if r.data.params["arch"] == arch), key=lambda r: r.info.start_time)
              for arch in args.archs.split(",")]
     first_s = sum(logging[r.info.run_id] for r in first)
     later_s = sum(logging.values()) - first_s
     later_n = len(children) - len(first)
-    rows = [["whole study", f"{wall:.0f}", f"{wall / features:.2f}x"],
-            ["backbone passes (features and region maps)", f"{features:.0f}", "1.00x"],
-            ["heads (seeds of a backbone together)", f"{heads:.0f}", f"{heads / features:.2f}x"],
-            [f"the rest: {len(children)} runs checked and logged, analysis", f"{rest:.0f}", f"{rest / features:.2f}x"],
-            [f"- logging the first run of each backbone ({len(first)})", f"{first_s:.0f}", f"{first_s / features:.2f}x"],
-            [f"- logging the other {later_n} runs", f"{later_s:.0f}", f"{later_s / features:.2f}x"],
-            ["- the rest of the rest (manifest, splits, reading the cache per seed, analysis)",
-             f"{rest - first_s - later_s:.0f}", f"{(rest - first_s - later_s) / features:.2f}x"]]
+
+    def row(part: str, seconds: float, share: bool = True) -> list[str]:
+        return [part, f"{seconds:.0f}", f"{seconds / features:.2f}x" if share else ""]
+
+    rows = [row("whole study", wall),
+            row("backbone passes (features and region maps), one after another", features),
+            row(f"the rest up to the last run logged: heads in {processes} one-thread processes at once, each "
+                f"process's runs logged as it finishes (and the manifest, splits, reading the cache per seed)",
+                after_passes),
+            row("- heads, process-seconds (summed over processes that ran side by side)", heads, share=False),
+            row(f"- logging {len(children)} runs (their child runs' durations)", first_s + later_s, share=False),
+            row("the analysis", wall - features - after_passes)]
     table = markdown_table(["part", "seconds", "of the feature pass"], rows)
     body = (
         f"`benchmarks/cold_study.py`: `ecg-mlflow study --archs {args.archs} --seeds {args.seeds} --split grouped "
         f"--engine openvino --precision fp32` on the real data at 512 x 1024 (ImageNet weights, offline) with an "
         f"empty feature cache, into a fresh tracking store; the parts are read from its {len(children)} tracked "
-        f"runs (`time_features_s`, `time_head_s`). Machine: {machine()} (load average "
+        f"runs (`time_features_s`, `time_head_s`, their start and end). Machine: {machine()} (load average "
         f"{os.getloadavg()[0]:.1f} when written).\n\n{table}\n\n"
-        f"Logging a run (its child run's own duration: the runs open after their seeds' heads are "
-        f"trained) is the whole model (assembled, checked through OpenVINO on four test images and the "
-        f"probe, logged with `mlflow.keras.log_model` from the backbone's first archive, "
-        f"tracking/keras_archive.py), the explanations (region table and chart, eight overlays), the "
-        f"confusion matrix and curves: {later_s / max(later_n, 1):.1f} s per run after the first of its "
-        f"backbone, {first_s / len(first):.1f} s for that first one, which also runs the backbone on the "
-        f"check's and the probe's images and has Keras save the archive the later seeds start from."
+        f"The passes run first, nothing beside them; then each backbone's seeds train in {processes} child "
+        f"processes, {processes} at a time, and the runs of a process are logged while the others train on "
+        f"(ecg_mlflow/study.py). Logging a run (its child run's own duration) is the whole model (assembled, "
+        f"checked through OpenVINO on four test images and the probe, logged with `mlflow.keras.log_model` from "
+        f"the backbone's first archive, tracking/keras_archive.py), the explanations (region table and chart, "
+        f"eight overlays), the confusion matrix and curves: {later_s / max(later_n, 1):.1f} s per run after the "
+        f"first of its backbone, {first_s / len(first):.1f} s for that first one, which also runs the backbone on "
+        f"the check's and the probe's images and has Keras save the archive the later seeds start from."
     )
     print(body)
     if not args.no_write:

@@ -1,12 +1,14 @@
 """The study: the arch x seed grid as child runs of one parent run, resumable.
 
-Per backbone, the missing seeds are prepared (features from the cache after the
-first), their heads trained together in one computation (`train_prepared_together`),
-then each seed is logged as its own child run exactly as `train_and_log` logs one. A study is identified by
-its key: the data digest, the backbones and every training parameter except the seed
-(and where data and cache live). Rerunning a study with the same key opens a new parent
-run and adopts the FINISHED child runs of earlier parents with that key instead of
-training them again; only missing or failed pairs train.
+Per backbone, the missing seeds are prepared (features from the cache after the first);
+after the last backbone's pass their heads train together in child processes, a
+backbone's seeds split between as many processes as there are cores, and as each
+process finishes its seeds are logged, each as its own child run exactly as
+`train_and_log` logs one, while the others train on. A study is identified by its key:
+the data digest, the backbones and every training parameter except the seed (and where
+data and cache live). Rerunning a study with the same key opens a new parent run and
+adopts the FINISHED child runs of earlier parents with that key instead of training them
+again; only missing or failed pairs train.
 
 With `cv` > 0 the grid is (arch, repeat, fold) instead of (arch, seed): every image is tested
 once per repeat (see ecg_mlflow.data.folds for the folds and the seed of each cell), the child
@@ -206,6 +208,7 @@ def run_study(
     earlier = _earlier_finished_runs(client, parent.info.experiment_id, key, parent_id)
     status = StudyProgress(total=len(cells))
     outcome = _Tally(status, say, parent_id)
+    prepared = []
     for arch in archs:  # backbone-major order: one backbone pass per image per backbone
         missing = []
         for cell in (c for c in cells if c.arch == arch):
@@ -213,8 +216,8 @@ def run_study(
                 outcome.adopt(client, earlier[(arch, cell.seed)], cell)
             else:
                 missing.append(cell)
-        if missing:
-            _train_cells_together(missing, base, manifest, outcome, progress=progress)
+        prepared += _prepare_cells(missing, base, manifest, outcome, progress=progress)
+    _train_and_log(prepared, outcome, progress=progress)
     mlflow.log_metrics({"runs_trained": len(outcome.trained), "runs_reused": len(outcome.adopted),
                         "runs_failed": len(outcome.failed)})
     return StudyOutcome(tuple(outcome.trained), tuple(outcome.adopted), tuple(outcome.failed))
@@ -249,13 +252,11 @@ class _Tally:
         self.say(self.status.line(f"{cell.run_name()} finished in {seconds:.1f} s"))
 
 
-def _train_cells_together(cells: Sequence[StudyCell], base: TrainConfig, manifest: Manifest, tally: _Tally, *,
-                          progress: bool) -> None:
-    """Prepare each cell (its seed's split, or its fold), train their heads in one
-    computation, then log each as its own child run. A cell that fails to prepare or log
-    fails alone; a failed joint training fails the cells it trained. A study killed here
-    logged nothing of these cells, so its rerun trains them again (and only them)."""
-    from ecg_mlflow.train import prepare_run, train_prepared_together
+def _prepare_cells(cells: Sequence[StudyCell], base: TrainConfig, manifest: Manifest, tally: _Tally, *,
+                   progress: bool) -> list[tuple[StudyCell, object]]:
+    """(cell, PreparedRun) of each cell: its seed's split or its fold, and the features (the
+    backbone's pass for the first cell of a backbone). A cell that fails fails alone."""
+    from ecg_mlflow.train import prepare_run
 
     prepared = []
     for cell in cells:
@@ -264,15 +265,82 @@ def _train_cells_together(cells: Sequence[StudyCell], base: TrainConfig, manifes
                                                split=cell.fold.split if cell.fold else None)))
         except Exception as exc:  # one failed pair must not lose the others
             _record_failed_run(cell, exc, tally)
-    if not prepared:
-        return
+    return prepared
+
+
+def head_processes() -> int:
+    """Child processes training heads at once: one per core this process may use."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass
+class _CellsTraining:
+    """Cells of one backbone whose heads train together in a child process."""
+
+    prepared: list  # (StudyCell, PreparedRun)
+    heads: object  # ecg_mlflow.train.HeadsTogether
+
+
+def _train_and_log(prepared: list[tuple[StudyCell, object]], tally: _Tally, *, progress: bool) -> None:
+    """Train the heads of every prepared cell, after all backbone passes, then log each cell
+    as its own child run.
+
+    Each backbone's seeds are dealt into head_processes() groups, and each group trains in
+    a child process on one thread (model/head_process.py), head_processes() at a time: a
+    step is partly bound by memory, so two one-thread processes on two cores train more
+    seeds per second than one process on two threads. A group is logged as soon as it
+    finishes, beside the groups still training. A study killed before a group is logged
+    logged nothing of its cells, so its rerun trains them again (and only them)."""
+    from ecg_mlflow.model.head_process import wait_for_first
+
+    at_once = head_processes()
+    groups = [group for arch in dict.fromkeys(cell.arch for cell, _ in prepared)
+              for group in _deal([pair for pair in prepared if pair[0].arch == arch], at_once)]
+    running: list[_CellsTraining] = []
     try:
-        trained = train_prepared_together([run for _, run in prepared])
+        while groups or running:
+            while groups and len(running) < at_once:
+                started = _start_cells(groups.pop(0), tally)
+                running += [started] if started else []
+            if running:
+                finished = wait_for_first([training.heads.training for training in running])
+                _log_cells(running.pop(finished), tally, progress=progress)
+    finally:
+        for training in running:  # interrupted: their runs are not logged, so a rerun trains them
+            training.heads.close()
+
+
+def _deal(items: list, hands: int) -> list[list]:
+    """`items` dealt round-robin into at most `hands` non-empty lists."""
+    return [items[i::hands] for i in range(min(hands, len(items)))]
+
+
+def _start_cells(prepared: list[tuple[StudyCell, object]], tally: _Tally) -> _CellsTraining | None:
+    """Start training the cells' heads together; a failed start fails them."""
+    from ecg_mlflow.train import start_prepared_together
+
+    try:
+        return _CellsTraining(prepared, start_prepared_together([run for _, run in prepared]))
     except Exception as exc:
         for cell, _ in prepared:
             _record_failed_run(cell, exc, tally)
+        return None
+
+
+def _log_cells(training: _CellsTraining, tally: _Tally, *, progress: bool) -> None:
+    """Wait for the cells' heads, then log each cell as its own child run; a failed joint
+    training fails the cells it trained."""
+    try:
+        trained = training.heads.result()
+    except Exception as exc:
+        for cell, _ in training.prepared:
+            _record_failed_run(cell, exc, tally)
         return
-    for (cell, run), head in zip(prepared, trained):
+    finally:
+        training.heads.close()
+    for (cell, run), head in zip(training.prepared, trained):
         _log_child_run(cell, run, head, tally, progress=progress)
 
 

@@ -1,10 +1,11 @@
 """One training run: features from the cache, the paper's head, everything logged.
 
 A run is three pieces: `prepare_run` (split, leakage, features), a trainer
-(`train_prepared` for one seed, `train_prepared_together` for all seeds of one backbone)
-and the logging (`log_run_inputs`, `log_run_outcome`) into the active MLflow run, which
-the caller opens: the `train` command and `mlflow run` through `train_and_log`, the study
-driver per child run after training its seeds together. One way to log, whoever trained.
+(`train_prepared` for one seed, `start_prepared_together` for all seeds of one backbone,
+in a child process) and the logging (`log_run_inputs`, `log_run_outcome`) into the active
+MLflow run, which the caller opens: the `train` command and `mlflow run` through
+`train_and_log`, the study driver per child run after training its seeds together. One
+way to log, whoever trained.
 """
 
 from __future__ import annotations
@@ -110,12 +111,33 @@ def train_prepared(run: PreparedRun) -> TrainedHead:
     return TrainedHead(head, history, time.perf_counter() - start)
 
 
-def train_prepared_together(runs: Sequence[PreparedRun]) -> list[TrainedHead]:
-    """The heads of several seeds of one backbone and head configuration, trained in one
-    computation (`train_seed_heads`); each seed's `seconds` is its share of the joint
-    time, in proportion to the epochs it trained."""
+@dataclass
+class HeadsTogether:
+    """The heads of several seeds of one backbone and head configuration, training in one
+    computation in a child process (model/head_process.py) while the caller goes on."""
+
+    runs: Sequence[PreparedRun]
+    training: object  # ecg_mlflow.model.head_process.HeadsInChildProcess
+
+    def result(self) -> list[TrainedHead]:
+        """Each run's head, in the order of `runs`; its `seconds` is its share of the joint
+        training time, in proportion to the epochs it trained."""
+        trained, seconds = self.training.result()
+        epochs = sum(history.stopped_epoch for _, history in trained.values())
+        return [TrainedHead(*trained[r.config.seed], seconds * trained[r.config.seed][1].stopped_epoch / epochs)
+                for r in self.runs]
+
+    def close(self) -> None:
+        """Stop the training if it still runs."""
+        self.training.close()
+
+
+def start_prepared_together(runs: Sequence[PreparedRun]) -> HeadsTogether:
+    """Start training the heads of `runs` (distinct seeds of one backbone, data and head)
+    together (`train_seed_heads`, in a child process)."""
     from ecg_mlflow.model.head import one_hot
-    from ecg_mlflow.model.seed_heads import SeedRows, train_seed_heads
+    from ecg_mlflow.model.head_process import HeadsInChildProcess
+    from ecg_mlflow.model.seed_heads import SeedRows
 
     first = runs[0]
     if any((r.config.arch, r.config.head_config_obj(), r.manifest.digest)
@@ -127,12 +149,7 @@ def train_prepared_together(runs: Sequence[PreparedRun]) -> list[TrainedHead]:
     labels = one_hot([first.data.records[p].label for p in relpaths])
     rows = [SeedRows(r.config.seed, np.array([index[p] for p in r.split.train]),
                      np.array([index[p] for p in r.split.val])) for r in runs]
-    start = time.perf_counter()
-    trained = train_seed_heads(features, labels, rows, first.config.head_config_obj())
-    seconds = time.perf_counter() - start
-    epochs = sum(history.stopped_epoch for _, history in trained.values())
-    return [TrainedHead(*trained[r.config.seed], seconds * trained[r.config.seed][1].stopped_epoch / epochs)
-            for r in runs]
+    return HeadsTogether(runs, HeadsInChildProcess(features, labels, rows, first.config.head_config_obj()))
 
 
 def log_run_inputs(run: PreparedRun) -> None:

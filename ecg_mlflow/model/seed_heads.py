@@ -2,7 +2,7 @@
 
 `train_head` fits one head with Keras' `fit`; at batch 16 every step is mostly Keras'
 overhead and its unfused Adam (about ten elementwise passes over each 2048 x 1024
-kernel). Here each seed's step is a handful of Numba loops on both cores
+kernel). Here each seed's step is a handful of Numba loops on Numba's threads
 (model/head_kernels.py): the forward pass, and per dense layer the input gradient and
 one loop that forms the weight gradient and applies Adam in the same pass over kernel
 and moments; the first layer's loop also takes the updated rows on into the next batch's
@@ -14,9 +14,11 @@ next forward pass in the update took a seed's step from 2.11 to 1.99 ms), and sw
 them in alternate directions so each step starts on what is still in cache.
 Seeds take turns epoch by epoch (one seed's whole epoch, then the next's), so every
 epoch ends with a report of all seeds that trained it, and a seed that stopped early
-costs nothing more. (A TensorFlow graph with every seed's step side by side and Adam in
-TensorFlow's fused kernel came before this: its matmuls at these shapes ran at half
-OpenBLAS' speed, and its gradient and update were two passes over memory.)
+costs nothing more. The arithmetic is the same on any number of threads; a study deals
+a backbone's seeds into one-thread child processes (model/head_process.py). (A
+TensorFlow graph with every seed's step side by side and Adam in TensorFlow's fused
+kernel came before this: its matmuls at these shapes ran at half OpenBLAS' speed, and
+its gradient and update were two passes over memory.)
 
 Every seed stays an independent replicate with the randomness `train_head` gives it:
 
@@ -76,13 +78,24 @@ class SeedRows:
     val: np.ndarray
 
 
-@dataclass
-class _Seed:
-    """Everything one seed owns while training: its head, weights, Adam slots and curves."""
+@dataclass(frozen=True)
+class SeedStart:
+    """What a seed starts from, drawn under its Keras seeding: the head's initial weights,
+    its dropout layers' seeds and every epoch's order. Plain arrays, so the training can
+    run in a process without Keras (model/head_process.py)."""
 
     rows: SeedRows
-    head: object  # the Keras head train_head would start from
     weights: list[np.ndarray]  # kernel, bias per dense layer: the head's get_weights()
+    dropout_seeds: np.ndarray
+    orders: tuple[np.ndarray, ...]  # positions into rows.train, one per epoch up to max_epochs
+
+
+@dataclass
+class _Seed:
+    """Everything one seed owns while training: its weights, Adam slots and curves."""
+
+    rows: SeedRows
+    weights: list[np.ndarray]  # kernel, bias per dense layer, in pages of their own
     momenta: list[np.ndarray]
     velocities: list[np.ndarray]
     dropout_seeds: np.ndarray
@@ -95,6 +108,17 @@ class _Seed:
     best_weights: list[np.ndarray] | None = None
     active: bool = True
     first_z: np.ndarray | None = None  # the next step's first-layer pre-activation, formed by this step
+
+    @classmethod
+    def from_start(cls, start: SeedStart) -> "_Seed":
+        weights = [_in_own_pages(w) for w in start.weights]
+        orders = iter(start.orders)
+        return cls(
+            rows=start.rows, weights=weights,
+            momenta=[_zeros_in_own_pages(w.shape) for w in weights],
+            velocities=[_zeros_in_own_pages(w.shape) for w in weights],
+            dropout_seeds=start.dropout_seeds, orders=orders, upcoming=next(orders), history=HeadHistory(),
+        )
 
 
 def train_seed_heads(
@@ -121,14 +145,35 @@ def train_seed_heads(
     Returns:
         seed -> (Keras head with the restored best weights, HeadHistory).
     """
+    heads, starts = start_seed_heads(seeds, features.shape[1], config, shuffle=shuffle)
+    return finish_seed_heads(heads, train_started_seeds(features, labels, starts, config, on_epoch_end=on_epoch_end))
+
+
+def start_seed_heads(seeds: Sequence[SeedRows], feature_dim: int, config: HeadConfig, *,
+                     shuffle: bool = True) -> tuple[dict[int, object], list[SeedStart]]:
+    """Each seed's Keras head and its start (`SeedStart`): the part of training that needs
+    Keras and TensorFlow (their seeding, Keras' shuffle orders)."""
     from ecg_mlflow.model.backend import tensorflow_for_heads
 
     if len({s.seed for s in seeds}) != len(seeds):
         raise ValueError(f"seeds must be distinct, got {[s.seed for s in seeds]}")
     tensorflow_for_heads()  # Keras' shuffle orders (tf.data), whatever the backend
+    heads, starts = {}, []
+    for rows in seeds:
+        heads[rows.seed], start = _start_seed(rows, feature_dim, config, shuffle)
+        starts.append(start)
+    return heads, starts
+
+
+def train_started_seeds(
+    features: np.ndarray, labels: np.ndarray, starts: Sequence[SeedStart], config: HeadConfig, *,
+    on_epoch_end: EpochHook | None = None,
+) -> dict[int, tuple[list[np.ndarray], HeadHistory]]:
+    """The training itself, NumPy and the Numba kernels alone: seed -> (best weights,
+    HeadHistory). Arguments as train_seed_heads'."""
     x = np.ascontiguousarray(features, np.float32)
     y = np.ascontiguousarray(labels, np.float32)
-    states = [_start_seed(rows, x.shape[1], config, shuffle) for rows in seeds]
+    states = [_Seed.from_start(start) for start in starts]
     masks = _build_dropout_masks(config)
     for epoch in range(1, config.max_epochs + 1):
         live = [state for state in states if state.active]
@@ -145,6 +190,14 @@ def train_seed_heads(
     return {s.rows.seed: _finish_seed(s) for s in states}
 
 
+def finish_seed_heads(heads: dict[int, object], trained: dict[int, tuple[list[np.ndarray], HeadHistory]]
+                      ) -> dict[int, tuple[object, HeadHistory]]:
+    """Each seed's Keras head with its best weights, beside its history."""
+    for seed, (weights, _) in trained.items():
+        heads[seed].set_weights(weights)
+    return {seed: (heads[seed], history) for seed, (_, history) in trained.items()}
+
+
 def compile_kernels() -> None:
     """Have Numba compile the trainer's kernels (a few seconds; cached on disk after, per
     install): `make setup` does it, so a user's first study does not pay it in its heads,
@@ -155,25 +208,22 @@ def compile_kernels() -> None:
     train_seed_heads(features, labels, [SeedRows(1, np.arange(32), np.arange(32, 40))], HeadConfig(max_epochs=1))
 
 
-def _start_seed(rows: SeedRows, feature_dim: int, config: HeadConfig, shuffle: bool) -> _Seed:
+def _start_seed(rows: SeedRows, feature_dim: int, config: HeadConfig, shuffle: bool) -> tuple[object, SeedStart]:
     """Seed the way train_head does, then take the head's initial weights, its dropout
-    layers' seeds and Keras' shuffle order from the very objects `fit` would use."""
+    layers' seeds and Keras' shuffle orders from the very objects `fit` would use."""
+    import itertools
+
     import keras
 
     if len(rows.train) == 0 or len(rows.val) == 0:
         raise ValueError(f"seed {rows.seed}: needs training and validation rows")
     keras.utils.set_random_seed(rows.seed)
     head = build_head(feature_dim, config.dense_units, config.dropout)
-    weights = [_in_own_pages(w) for w in head.get_weights()]
     dropout_seeds = np.array([_layer_seed(layer) for layer in head.layers
                               if isinstance(layer, keras.layers.Dropout)], np.int64)
-    orders = _keras_epoch_orders(len(rows.train), shuffle, config.max_epochs)
-    return _Seed(
-        rows=rows, head=head, weights=weights,
-        momenta=[_zeros_in_own_pages(w.shape) for w in weights],
-        velocities=[_zeros_in_own_pages(w.shape) for w in weights],
-        dropout_seeds=dropout_seeds, orders=orders, upcoming=next(orders), history=HeadHistory(),
-    )
+    orders = tuple(itertools.islice(_keras_epoch_orders(len(rows.train), shuffle, config.max_epochs),
+                                    config.max_epochs))
+    return head, SeedStart(rows, [np.asarray(w, np.float32) for w in head.get_weights()], dropout_seeds, orders)
 
 
 HUGE_PAGE = 2 * 1024 * 1024
@@ -387,10 +437,9 @@ def _should_stop(state: _Seed, epoch: int, patience: int) -> bool:
     return state.wait >= patience and epoch > 1
 
 
-def _finish_seed(state: _Seed) -> tuple[object, HeadHistory]:
-    """The Keras head with the seed's best weights, and its history."""
-    state.head.set_weights(state.best_weights)
+def _finish_seed(state: _Seed) -> tuple[list[np.ndarray], HeadHistory]:
+    """The seed's best weights, and its history."""
     history = state.history
     history.stopped_epoch = len(history.val_loss)
     history.best_epoch = int(np.argmin(history.val_loss)) + 1
-    return state.head, history
+    return state.best_weights, history
