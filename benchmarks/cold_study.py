@@ -1,13 +1,14 @@
 """The whole cold study on the real data against its feature pass alone.
 
 Runs `ecg-mlflow study` of two offline pretrained backbones, 10 seeds, 512 x 1024,
-split=grouped, engine=openvino fp32 (the default engine), into a fresh tracking store with an
+split=grouped, engine=openvino fp32 (the default engine; `--precision bf16` for its bf16, the
+fastest engine on a CPU with AMX), into a fresh tracking store with an
 empty feature cache (every unique image through each backbone, region maps included), then
 reads the tracked runs: the study's wall time, its backbone passes (`time_features_s` over its
 runs), then what follows them up to the last run logged (heads in child processes, each
 process's runs logged as it finishes: `time_head_s` and the runs' durations say what went
 on side by side), and the analysis. Writes the "Cold 20-run study" section of
-docs/benchmarks.md.
+docs/benchmarks.md ("Cold 20-run study, OpenVINO bf16" for bf16).
 
     .venv/bin/python benchmarks/cold_study.py
 """
@@ -32,9 +33,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data", default=str(REAL_IMAGES))
     parser.add_argument("--archs", default="efficientnetlite0,efficientnetlite2")
     parser.add_argument("--seeds", default="1-10")
-    parser.add_argument("--workdir", default=str(PROJECT_ROOT / ".bench" / "cold-study"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="OpenVINO's precision (bf16 where the CPU has it natively: AMX or AVX-512 BF16)")
+    parser.add_argument("--workdir", help="default: .bench/cold-study, .bench/cold-study-bf16 for bf16")
     parser.add_argument("--no-write", action="store_true", help="print only")
     return parser.parse_args()
+
+
+def default_workdir(precision: str) -> Path:
+    """.bench/cold-study for fp32 (the cache benchmarks/seed_heads.py reads), a folder per
+    other precision."""
+    return PROJECT_ROOT / ".bench" / ("cold-study" if precision == "fp32" else f"cold-study-{precision}")
 
 
 def run_cold_study(args: argparse.Namespace, workdir: Path) -> None:
@@ -43,7 +52,7 @@ def run_cold_study(args: argparse.Namespace, workdir: Path) -> None:
     (workdir / "cache").mkdir(parents=True)
     command = [str(Path(sys.executable).parent / "ecg-mlflow"), "study", "--archs", args.archs, "--seeds", args.seeds,
                "--split", "grouped", "--data", args.data, "--weights", "imagenet", "--engine", "openvino",
-               "--precision", "fp32", "--cache-dir", str(workdir / "cache"), "--experiment", EXPERIMENT]
+               "--precision", args.precision, "--cache-dir", str(workdir / "cache"), "--experiment", EXPERIMENT]
     print(" ".join(command), flush=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
     subprocess.run(command, check=True, env=env, cwd=workdir)
@@ -53,7 +62,7 @@ def run_cold_study(args: argparse.Namespace, workdir: Path) -> None:
 def main() -> None:
     args = parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    workdir = Path(args.workdir).resolve()
+    workdir = Path(args.workdir or default_workdir(args.precision)).resolve()
     run_cold_study(args, workdir)
 
     import mlflow
@@ -91,7 +100,7 @@ def main() -> None:
     table = markdown_table(["part", "seconds", "of the feature pass"], rows)
     body = (
         f"`benchmarks/cold_study.py`: `ecg-mlflow study --archs {args.archs} --seeds {args.seeds} --split grouped "
-        f"--engine openvino --precision fp32` on the real data at 512 x 1024 (ImageNet weights, offline) with an "
+        f"--engine openvino --precision {args.precision}` on the real data at 512 x 1024 (ImageNet weights, offline) with an "
         f"empty feature cache, into a fresh tracking store; the parts are read from its {len(children)} tracked "
         f"runs (`time_features_s`, `time_head_s`, their start and end). Machine: {machine()} (load average "
         f"{os.getloadavg()[0]:.1f} when written).\n\n{table}\n\n"
@@ -106,7 +115,7 @@ def main() -> None:
     )
     print(body)
     if not args.no_write:
-        write_section(SECTION, body)
+        write_section(SECTION + ("" if args.precision == "fp32" else f", OpenVINO {args.precision}"), body)
 
 
 if __name__ == "__main__":

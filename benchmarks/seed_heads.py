@@ -119,6 +119,24 @@ def together(features, labels, rows, config):
     return time.perf_counter() - start, heads
 
 
+def in_processes(features, labels, rows, config):
+    """train_seed_heads as a study runs it: the seeds dealt into head_processes() one-thread
+    child processes, all at once."""
+    from ecg_mlflow.model.head_process import HeadsInChildProcess, deal
+    from ecg_mlflow.study import head_processes
+
+    start = time.perf_counter()
+    trainings = [HeadsInChildProcess(features, labels, group, config) for group in deal(rows, head_processes())]
+    heads = {}
+    try:
+        for training in trainings:
+            heads.update(training.result()[0])
+    finally:
+        for training in trainings:
+            training.close()
+    return time.perf_counter() - start, heads
+
+
 def compare(features, test, alone, joint) -> tuple[float, float, int]:
     """Share of test rows with the same label, max abs probability difference, and how
     many seeds stopped at the same epoch, over all seeds."""
@@ -138,6 +156,7 @@ def main() -> None:
     from report import machine, markdown_table, write_section
     from ecg_mlflow.model.head import HeadConfig
     from ecg_mlflow.model.seed_heads import compile_kernels  # before the long first part
+    from ecg_mlflow.study import head_processes
 
     config = HeadConfig(max_epochs=args.max_epochs)
     compile_kernels()
@@ -152,15 +171,21 @@ def main() -> None:
         alone_s, alone = one_after_another(features, labels, rows, config)
         print(f"{arch}: {alone_s:.1f} s; together ...", flush=True)
         joint_s, joint = together(features, labels, rows, config)
-        print(f"{arch}: {joint_s:.1f} s", flush=True)
+        print(f"{arch}: {joint_s:.1f} s; in {head_processes()} one-thread processes ...", flush=True)
+        split_s, split = in_processes(features, labels, rows, config)
+        print(f"{arch}: {split_s:.1f} s", flush=True)
         same, diff, epochs = compare(features, test, alone, joint)
+        _, split_diff, _ = compare(features, test, joint, split)
         trained = sum(h.stopped_epoch for _, h in alone.values())
         rows_out.append([arch, source, f"{len(rows[0].train)} / {len(rows[0].val)} / {len(test)}",
                          features.shape[1], args.seeds, trained, f"{alone_s:.1f}", f"{joint_s:.1f}",
-                         f"{alone_s / joint_s:.1f}x", f"{same:.1%}", f"{diff:.1g}",
-                         f"{epochs}/{args.seeds}"])
-    header = ["features of", "features", "seed 1's train / val / test rows", "width", "seeds", "epochs trained (all seeds)", "one after another: s",
-              "together: s", "speed-up", "same test labels", "max abs prob diff", "same stopped epoch"]
+                         f"{alone_s / joint_s:.1f}x", f"{split_s:.1f}", f"{alone_s / split_s:.1f}x",
+                         f"{same:.1%}", f"{diff:.1g}", f"{epochs}/{args.seeds}", f"{split_diff:.1g}"])
+    processes = head_processes()
+    header = ["features of", "features", "seed 1's train / val / test rows", "width", "seeds",
+              "epochs trained (all seeds)", "one after another: s", "together: s", "speed-up",
+              f"together in {processes} processes: s", "speed-up", "same test labels", "max abs prob diff",
+              "same stopped epoch", "processes vs one: max abs prob diff"]
     table = markdown_table(header, rows_out)
     print(table)
     if args.no_write:
@@ -176,8 +201,9 @@ def main() -> None:
         f"{' and '.join(sorted(sources))} features (real: the cached {args.weights} / {args.engine} features "
         "of the real data at 512 x 1024, split as the paper does per seed; random: Gaussian features of "
         "the real shapes, validation drawn per seed), trained one after another with `train_head` "
-        f"(Keras' fit, as studies did before) and all together with `train_seed_heads`, in one process, "
-        "after Numba has compiled the trainer's kernels (once per install, cached on disk). "
+        f"(Keras' fit, as studies did before), all together with `train_seed_heads` in this process, and "
+        f"dealt into {processes} one-thread child processes at once (model/head_process.py: what a study "
+        "does), after Numba has compiled the trainer's kernels (once per install, cached on disk). "
         f"Machine: {machine()}.\n\n{table}\n\n"
         "Both ways give every seed the same initial weights, shuffle order and dropout masks "
         "(ecg_mlflow/model/seed_heads.py says how); the differences left are float32 rounding in "
@@ -186,11 +212,12 @@ def main() -> None:
         "elementwise passes over each 2048 x 1024 kernel); together, each step is a few Numba loops "
         "(model/head_kernels.py): the forward pass, and per dense layer its weight gradient and Adam "
         "update in one pass over kernel and moments (the first layer's pass also forms the next "
-        "batch's forward pass), blocked four by four, on both cores, with subnormals flushed to zero "
+        "batch's forward pass), blocked four by four, with subnormals flushed to zero "
         "as TensorFlow does; the dropout masks are TensorFlow's, drawn in Numba "
         "(model/dropout_masks.py); a seed that stopped costs nothing. The first kernel and its two "
-        "moments are read and written every step (25 MB at width 2048), so a step runs at about the "
-        "speed memory streams them."
+        "moments are read and written every step (25 MB at width 2048), so a step is bound by memory "
+        "as much as by arithmetic, and two threads in one process are slower than one thread in each of two "
+        "(the two columns of `together`; the last column: the same heads either way)."
     )
     write_section("Head training: seeds together", body)
 

@@ -293,11 +293,11 @@ def _train_and_log(prepared: list[tuple[StudyCell, object]], tally: _Tally, *, p
     seeds per second than one process on two threads. A group is logged as soon as it
     finishes, beside the groups still training. A study killed before a group is logged
     logged nothing of its cells, so its rerun trains them again (and only them)."""
-    from ecg_mlflow.model.head_process import wait_for_first
+    from ecg_mlflow.model.head_process import deal, wait_for_first
 
     at_once = head_processes()
     groups = [group for arch in dict.fromkeys(cell.arch for cell, _ in prepared)
-              for group in _deal([pair for pair in prepared if pair[0].arch == arch], at_once)]
+              for group in deal([pair for pair in prepared if pair[0].arch == arch], at_once)]
     running: list[_CellsTraining] = []
     try:
         while groups or running:
@@ -310,11 +310,6 @@ def _train_and_log(prepared: list[tuple[StudyCell, object]], tally: _Tally, *, p
     finally:
         for training in running:  # interrupted: their runs are not logged, so a rerun trains them
             training.heads.close()
-
-
-def _deal(items: list, hands: int) -> list[list]:
-    """`items` dealt round-robin into at most `hands` non-empty lists."""
-    return [items[i::hands] for i in range(min(hands, len(items)))]
 
 
 def _start_cells(prepared: list[tuple[StudyCell, object]], tally: _Tally) -> _CellsTraining | None:

@@ -80,6 +80,12 @@ class HeadsInChildProcess:
         self._talk.join()
 
 
+def deal(items: Sequence, hands: int) -> list[list]:
+    """`items` dealt round-robin into at most `hands` non-empty lists: a backbone's seeds
+    into the processes that train them."""
+    return [list(items[i::hands]) for i in range(min(hands, len(items)))]
+
+
 def wait_for_first(trainings: Sequence[HeadsInChildProcess]) -> int:
     """The index of the first of `trainings` to finish (or fail)."""
     done, _ = wait([training._answer for training in trainings], return_when=FIRST_COMPLETED)
