@@ -215,9 +215,12 @@ def main() -> None:
         "batch's forward pass), blocked four by four, with subnormals flushed to zero "
         "as TensorFlow does; the dropout masks are TensorFlow's, drawn in Numba "
         "(model/dropout_masks.py); a seed that stopped costs nothing. The first kernel and its two "
-        "moments are read and written every step (25 MB at width 2048), so a step is bound by memory "
-        "as much as by arithmetic, and two threads in one process are slower than one thread in each of two "
-        "(the two columns of `together`; the last column: the same heads either way)."
+        "moments are read and written every step (25 MB at width 2048). Dealt into one-thread child "
+        "processes (the last columns; the same heads either way), the seeds take about as long as on two "
+        "threads in this process: one thread per process wastes nothing on keeping threads in step, but "
+        "the process whose seeds stop first leaves its core idle. A study gains from the processes "
+        "otherwise: it logs each process's runs on the core it frees, beside the others' training "
+        "(see the cold study below)."
     )
     write_section("Head training: seeds together", body)
 

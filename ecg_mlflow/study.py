@@ -288,11 +288,13 @@ def _train_and_log(prepared: list[tuple[StudyCell, object]], tally: _Tally, *, p
     as its own child run.
 
     Each backbone's seeds are dealt into head_processes() groups, and each group trains in
-    a child process on one thread (model/head_process.py), head_processes() at a time: a
-    step is partly bound by memory, so two one-thread processes on two cores train more
-    seeds per second than one process on two threads. A group is logged as soon as it
-    finishes, beside the groups still training. A study killed before a group is logged
-    logged nothing of its cells, so its rerun trains them again (and only them)."""
+    a child process on one thread (model/head_process.py), head_processes() at a time. A
+    group is logged as soon as it finishes, on the core its process frees, beside the
+    groups still training (on 2 cores the cold study of docs/benchmarks.md took 133 s
+    instead of 147 s when each backbone's heads trained on two threads in the study's
+    process and its runs were logged after).
+    A study killed before a group is logged logged nothing of its cells, so its rerun
+    trains them again (and only them)."""
     from ecg_mlflow.model.head_process import deal, wait_for_first
 
     at_once = head_processes()

@@ -1,14 +1,16 @@
 """Seeds' heads trained in a process of their own, while the study's process goes on.
 
 A study trains a backbone's seeds in as many child processes as there are cores, each on
-one Numba thread, and logs each process's seeds as soon as it is done, beside those still
-training (ecg_mlflow/study.py). One thread per process wastes nothing on keeping threads
-in step: on the 2-core Intel Xeon of docs/benchmarks.md the same 3 seeds trained in 3.2 s
-on one thread and 2.0 s on two, and two one-thread processes trained 6 seeds in 3.3 s
-against 3.9 s for one two-thread process. The child imports NumPy, Numba and the kernels
-only, no Keras (the Keras part of a start, `start_seed_heads`, runs in the parent). On a
-thread of the parent instead, the trainer's Python loop and the logging beside it took
-turns on the GIL and slowed each other down.
+one Numba thread, and logs each process's seeds as soon as it is done, on the core that
+process frees, beside those still training (ecg_mlflow/study.py). One thread per process
+wastes nothing on keeping threads in step: on the 2-core Intel Xeon of docs/benchmarks.md,
+3 seeds of 8 epochs each (random 1280-wide features) trained in 3.2 s on one thread and
+2.0 s on two, and two one-thread processes trained 6 such seeds in 3.3 s against 3.9 s for
+one two-thread process; with early stopping the process whose seeds stop first idles, and
+10 real seeds took about as long either way. The child imports NumPy, Numba and the
+kernels only, no Keras (the Keras part of a start, `start_seed_heads`, runs in the
+parent). On a thread of the parent instead, the trainer's Python loop and the logging
+beside it took turns on the GIL and slowed each other down.
 
 The child dies with its parent (PR_SET_PDEATHSIG, Linux), ignores Ctrl-C (the parent,
 which gets it too, stops the child in `close`), and answers on its own copy of stdout,
