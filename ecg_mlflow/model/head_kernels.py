@@ -238,7 +238,7 @@ def input_gradient(output_grad, kernel, out):
                 _four_by_four_dots(output_grad, kernel, k, first, out)
                 k += 4
         for i in range(first, min(n_in, first + 4)):
-            for row in range(k if first + 4 <= n_in else 0, batch):
+            for row in range(k, batch):  # what the blocks left: all rows of a short block
                 total = np.float32(0)
                 for j in range(n_out):
                     total += output_grad[row, j] * kernel[i, j]
@@ -257,14 +257,10 @@ def _four_by_four_dots(output_grad, kernel, k, i, out):
     for j in range(kernel.shape[1]):
         w0, w1, w2, w3 = r0[j], r1[j], r2[j], r3[j]
         e0, e1, e2, e3 = g0[j], g1[j], g2[j], g3[j]
-        t00, t01, t02, t03 = (t00 + e0 * w0, t01 + e0 * w1, t02 + e0 * w2,
-                                t03 + e0 * w3)
-        t10, t11, t12, t13 = (t10 + e1 * w0, t11 + e1 * w1, t12 + e1 * w2,
-                                t13 + e1 * w3)
-        t20, t21, t22, t23 = (t20 + e2 * w0, t21 + e2 * w1, t22 + e2 * w2,
-                                t23 + e2 * w3)
-        t30, t31, t32, t33 = (t30 + e3 * w0, t31 + e3 * w1, t32 + e3 * w2,
-                                t33 + e3 * w3)
+        t00, t01, t02, t03 = t00 + e0 * w0, t01 + e0 * w1, t02 + e0 * w2, t03 + e0 * w3
+        t10, t11, t12, t13 = t10 + e1 * w0, t11 + e1 * w1, t12 + e1 * w2, t13 + e1 * w3
+        t20, t21, t22, t23 = t20 + e2 * w0, t21 + e2 * w1, t22 + e2 * w2, t23 + e2 * w3
+        t30, t31, t32, t33 = t30 + e3 * w0, t31 + e3 * w1, t32 + e3 * w2, t33 + e3 * w3
     out[k, i], out[k, i + 1], out[k, i + 2], out[k, i + 3] = t00, t01, t02, t03
     out[k + 1, i], out[k + 1, i + 1], out[k + 1, i + 2], out[k + 1, i + 3] = t10, t11, t12, t13
     out[k + 2, i], out[k + 2, i + 1], out[k + 2, i + 2], out[k + 2, i + 3] = t20, t21, t22, t23
