@@ -20,6 +20,7 @@ from ecg_mlflow import schema
 from ecg_mlflow.cli import main
 from ecg_mlflow.config import DEFAULT_ENGINE, parse_train_config
 from ecg_mlflow.model.features import FeatureCache, FeatureKey
+from ecg_mlflow.model.region_cache import FullMapCache, RegionMapCache
 from ecg_mlflow.data.preprocess import load_pixels
 from ecg_mlflow.synth.reports import write_synthetic_dataset
 from ecg_mlflow.train import train_and_log
@@ -250,9 +251,14 @@ def test_sigterm_ends_the_run_killed_and_leaves_the_cache_sound(demo_set, tracki
     assert run.info.status == "KILLED"
     key = parse_train_config(arch="resnet50", weights="none", image_height="256", image_width="512").feature_key()
     assert key.engine == DEFAULT_ENGINE  # the command's default engine, whose entries these are
-    cache = FeatureCache(cache_dir, key)
-    entries = list(cache.folder.rglob("*.f32"))
-    assert entries and all(cache.load(p.stem) is not None for p in entries)
+    # The pass writes three stores under the features' folder (the overlay sample's full maps
+    # first, then region maps, then features): each entry must load from its own store.
+    stores = [FeatureCache(cache_dir, key), RegionMapCache(cache_dir, key), FullMapCache(cache_dir, key)]
+    nested = [store.folder for store in stores[1:]]
+    loaded = [store.load(path.stem) is not None for store in stores for path in store.folder.rglob("*.f32")
+              if not any(folder in path.parents for folder in nested if folder != store.folder)]
+    assert loaded and all(loaded)
+    assert len(loaded) == len(list(cache_dir.rglob("*.f32")))  # every entry checked once
     assert not list(cache_dir.rglob("*.tmp"))
 
 
