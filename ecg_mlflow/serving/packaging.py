@@ -19,6 +19,7 @@ SERVED_MODULES: tuple[str, ...] = (
     "__init__.py",
     "parsing.py",
     "schema.py",
+    "telemetry.py",
     "data/__init__.py",
     "data/classes.py",
     "data/decode.py",

@@ -388,6 +388,8 @@ def start_mlflow(layout: Layout, host: str, ports: dict[str, int], password: str
         "MLFLOW_S3_ENDPOINT_URL": f"http://{host}:{ports['s3']}",
         # The huey job runner is an extra process per server; the project uses no server jobs.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        # No usage reports from the server unless asked for (MLflow 3 sends them by default).
+        "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"),
     }
     pid = spawn(layout, "mlflow", argv, env)
     wait_until("mlflow", lambda: http_ok(f"http://{host}:{ports['mlflow']}/health"), layout, pid)
