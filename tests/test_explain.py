@@ -155,6 +155,24 @@ def test_full_maps_are_cached_for_the_overlay_sample(reports, tmp_path):
         np.testing.assert_array_equal(again[sha], maps)
 
 
+def test_overlay_pictures_decode_each_file_once_and_again_once_it_changes(real_images, tmp_path):
+    """Every seed of a study overlays the same test images: they are decoded by the first
+    and shared (read-only), unless the file changed on disk since."""
+    import shutil
+
+    from ecg_mlflow.data.preprocess import load_pixels
+    from ecg_mlflow.tracking.model_logging import image_pixels
+
+    first, second = sorted(real_images.glob("*/*.jpg"))[:2]
+    path = tmp_path / "report.jpg"
+    shutil.copyfile(first, path)
+    pixels = image_pixels(path, HEIGHT, WIDTH, "none")
+    assert image_pixels(path, HEIGHT, WIDTH, "none") is pixels and not pixels.flags.writeable
+    np.testing.assert_array_equal(pixels, load_pixels(first, HEIGHT, WIDTH, "none"))
+    shutil.copyfile(second, path)
+    np.testing.assert_array_equal(image_pixels(path, HEIGHT, WIDTH, "none"), load_pixels(second, HEIGHT, WIDTH, "none"))
+
+
 def test_the_feature_pass_keeps_the_full_maps_it_is_asked_for(reports, tmp_path, monkeypatch):
     """The overlay sample's full maps come from the feature pass itself: load_full_maps then
     finds them without a backbone pass, equal to the ones its own pass computes."""

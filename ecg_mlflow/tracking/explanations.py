@@ -56,10 +56,10 @@ def log_explanations(
     import matplotlib.pyplot as plt
     import mlflow
 
-    from ecg_mlflow.data.preprocess import load_pixels
     from ecg_mlflow.model.explain import explain_maps, explain_pooled
     from ecg_mlflow.model.explain_figures import attribution_frame, overlay_picture, plot_region_chart
     from ecg_mlflow.model.region_cache import load_full_maps
+    from ecg_mlflow.tracking.model_logging import image_pixels
 
     sample = overlay_sample(relpaths, labels, shas)
     maps = load_full_maps({shas[i]: Path(paths[i]) for i in sample}, key, cache_dir)
@@ -70,7 +70,7 @@ def log_explanations(
         predicted = CLASSES[int(full.predicted[j])]
         caption = (f"{relpaths[i]}  true {labels[i]}  predicted {predicted} "
                    f"(p={full.probabilities[j].max():.2f})  text share {full.text_shares[j]:.2f}")
-        pixels = load_pixels(paths[i], key.height, key.width, key.crop)
+        pixels = image_pixels(paths[i], key.height, key.width, key.crop)  # decoded by the first seed
         return png_bytes(overlay_picture(pixels, full.cam[j], key.crop, caption))
 
     # Decoding, blending and PNG encoding release the GIL: the sample's pictures are made

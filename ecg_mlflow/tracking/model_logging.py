@@ -12,7 +12,7 @@ import numpy as np
 
 from ecg_mlflow import schema
 from ecg_mlflow.config import TrainConfig
-from ecg_mlflow.data.preprocess import load_batch
+from ecg_mlflow.data.preprocess import load_batch, load_pixels
 from ecg_mlflow.model.engines import probe_pixels, whole_model_runner
 from ecg_mlflow.model.whole_model import assemble_model, check_model_matches_head
 from ecg_mlflow.tracking.keras_archive import WholeModelArchive
@@ -23,12 +23,17 @@ names the one that is installed, so it serves on a GPU machine and on a CPU one 
 BACKEND_PACKAGES = {"jax": ("jax", "jaxlib"), "torch": ("torch",)}
 
 
+def file_stamp(path) -> tuple[str, int, int]:
+    """(path, size, modification time): the key of a decoded file, so a file changed on
+    disk is decoded again."""
+    stat = Path(path).stat()
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
 def sample_pixels(image_paths, height: int, width: int, crop: str) -> np.ndarray:
     """The check's images, decoded once per process: every seed of a study checks its
-    model on the same test images. Keyed by each file's size and modification time too,
-    so a file changed on disk is decoded again."""
-    stamps = tuple((str(p), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in image_paths)
-    pixels = _decoded(stamps, height, width, crop)
+    model on the same test images."""
+    pixels = _decoded(tuple(file_stamp(p) for p in image_paths), height, width, crop)
     pixels.flags.writeable = False  # shared between calls
     return pixels
 
@@ -36,6 +41,19 @@ def sample_pixels(image_paths, height: int, width: int, crop: str) -> np.ndarray
 @functools.lru_cache(maxsize=2)
 def _decoded(stamps: tuple, height: int, width: int, crop: str) -> np.ndarray:
     return load_batch([path for path, _, _ in stamps], height, width, crop)
+
+
+def image_pixels(path, height: int, width: int, crop: str) -> np.ndarray:
+    """`load_pixels` of one file, decoded once per process (read-only): every seed of a
+    study overlays the same sample of test images (tracking/explanations.py)."""
+    return _image_pixels(file_stamp(path), height, width, crop)
+
+
+@functools.lru_cache(maxsize=16)  # two overlay samples of eight
+def _image_pixels(stamp: tuple, height: int, width: int, crop: str) -> np.ndarray:
+    pixels = load_pixels(stamp[0], height, width, crop)
+    pixels.flags.writeable = False
+    return pixels
 
 
 def model_signature(height: int, width: int):
